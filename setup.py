@@ -1,0 +1,34 @@
+"""ov2_megatron: OpenVision 2 (captioning-only vision-encoder pretraining) on megatron-core.
+
+Supported: Python 3.10-3.13, torch >= 2.4, megatron-core 0.16.1 (proven by the CPU test suite
+on Python 3.11) up to the 0.19 line that NGC containers on Python 3.12 carry; the code keeps
+to the APIs those releases share. Transformer Engine and Apex are optional and imported
+lazily (GPU containers bring them). DALI comes from the container on GPU machines and from
+the `cpu` extra elsewhere; the pinned CPU environment is `requirements-cpu.txt`.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ov2_megatron",
+    version="0.1.0",
+    description="OpenVision 2 generative vision-encoder pretraining on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ov2_megatron", "ov2_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy>=1.24",
+        "pillow>=10",
+        "psutil>=5.9",  # megatron-core's dist_checkpointing.save needs it but does not declare it
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        # NGC containers ship DALI for their CUDA; on plain machines take the CUDA 13 wheel,
+        # which also runs CPU pipelines without a GPU.
+        "cpu": ["nvidia-dali-cuda130>=2.4"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyarrow>=15"],
+    },
+    entry_points={"console_scripts": ["ov2-train=ov2_megatron.train:main"]},
+)

@@ -1,0 +1,116 @@
+"""Run a function on N gloo ranks in fresh processes and collect what each rank returns.
+
+    results = run_distributed(check_tp_linear, world_size=2, args=(seed,))
+
+Each rank is a spawned process (nothing inherited from the pytest process: megatron's global
+state, the CPU layer and torch's thread pools start clean) with the torchrun environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and an initialised gloo process group.
+`fn` must be importable (a module-level function). A failing rank's traceback is raised in
+the test; a rank that neither returns nor fails within `timeout` seconds fails the test and
+every rank is killed, so a collective that never completes cannot hang CI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+DEFAULT_TIMEOUT_S = 150.0
+
+
+class DistributedFailure(AssertionError):
+    """One or more ranks raised or timed out; the message holds each rank's traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, port, results, args, kwargs):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        value = fn(*args, **kwargs)
+        # Plain pickle, not the queue's ForkingPickler: torch would share tensors through
+        # shared memory that dies with this process before the parent reads it.
+        results.put((rank, "ok", pickle.dumps(value)))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report everything, including SystemExit and KeyboardInterrupt
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in order."""
+    if not 1 <= world_size <= 8:
+        raise ValueError(f"world_size {world_size} outside 1..8")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, kwargs or {}))
+        for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = _collect(results, procs, timeout)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = {r: v for r, (status, v) in outcomes.items() if status != "ok"}
+    if errors:
+        report = "\n".join(f"--- rank {r} ---\n{text}" for r, text in sorted(errors.items()))
+        raise DistributedFailure(f"{len(errors)} of {world_size} ranks failed:\n{report}")
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+
+
+def _collect(results, procs, timeout: float) -> dict[int, tuple[str, Any]]:
+    """Wait for one message per rank. After the first error, give the others a short grace."""
+    outcomes: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < len(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            rank, status, value = results.get(timeout=min(remaining, 1.0))
+            outcomes[rank] = (status, value)
+            if status == "error":
+                deadline = min(deadline, time.monotonic() + 10.0)
+        except queue.Empty:
+            dead_silent = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcomes]
+            if dead_silent and results.empty():
+                time.sleep(0.5)  # a message may still be in flight from a rank that just exited
+                if results.empty():
+                    for r in dead_silent:
+                        code = procs[r].exitcode
+                        outcomes[r] = ("error", f"process exited with code {code} and no result")
+    for rank in range(len(procs)):
+        if rank not in outcomes:
+            outcomes[rank] = ("error", f"timed out after {timeout:.0f} s (hung collective?)")
+    return outcomes
