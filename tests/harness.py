@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in fresh processes and collect what each rank returns.
+"""Run a function on N gloo ranks (NCCL where CUDA exists) in fresh processes and collect what each rank returns.
 
     results = run_distributed(check_tp_linear, world_size=2, args=(seed,))
 
@@ -44,7 +44,11 @@ def _rank_main(fn, rank, world_size, port, results, args, kwargs):
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        backend = "gloo"
+        if torch.cuda.is_available():  # GPU-marked tests run the real NCCL path
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(*args, **kwargs)
         # Plain pickle, not the queue's ForkingPickler: torch would share tensors through
         # shared memory that dies with this process before the parent reads it.

@@ -75,6 +75,9 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
+    # The CPU generator initialises replicated parameters (identical on every rank, since
+    # megatron DDP does not broadcast); megatron's tracker seeds the TP-sharded ones.
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -1,0 +1,122 @@
+"""Caption decoder ends: the boundary that turns encoder tokens into the decoder sequence,
+and the vocabulary head with the caption loss. The layers between are megatron
+TransformerBlocks (stage_block.py) with a causal or prefix mask.
+
+Tensor-parallel reasoning (why each collective is where it is):
+- The boundary runs replicated on every TP rank: under SP it first all-gathers the encoder
+  sequence (its backward only splits, because the replicated computation after it gives every
+  rank the same full gradient), then re-scatters the decoder sequence.
+- The caption embedding is vocab-parallel (all-reduce of the rank's vocabulary slice).
+- The head is vocab-parallel; it only sees text positions, so under SP we all-gather the
+  hidden states, slice off the image positions and run the head with SP off (its backward
+  all-reduces the input gradient, so the gather's backward again only splits).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from ov2_megatron.config import DecoderConfig, SequenceGeometry
+from ov2_megatron.models.token_drop import gather_kept
+
+
+class CaptionInput(MegatronModule):
+    """encoder tokens [s_vit(/tp), b, w] + captions [b, L] -> decoder input [s_dec(/tp), b, d]."""
+
+    def __init__(self, config: TransformerConfig, encoder_width: int, decoder: DecoderConfig,
+                 geom: SequenceGeometry):
+        super().__init__(config=config)
+        self.geom, self.vocab_size = geom, decoder.vocab_size
+        self.projection = torch.nn.Linear(encoder_width, config.hidden_size, bias=False,
+                                          dtype=config.params_dtype)
+        config.init_method(self.projection.weight.data)
+        self.token_embedding = tensor_parallel.VocabParallelEmbedding(
+            geom.padded_vocab, config.hidden_size, init_method=config.init_method, config=config)
+        self.pos_embed = None
+        if decoder.pos_embed == "learned":
+            self.pos_embed = torch.nn.Parameter(
+                torch.zeros(geom.decoder_seq, config.hidden_size, dtype=config.params_dtype))
+            config.init_method(self.pos_embed.data)
+
+    def forward(self, encoded: torch.Tensor, tokens: torch.Tensor,
+                keep_idx: torch.Tensor) -> torch.Tensor:
+        if self.config.sequence_parallel:
+            encoded = mappings.gather_from_sequence_parallel_region(
+                encoded, tensor_parallel_output_grad=False)  # [s_vit, b, w]
+        kept = gather_kept(encoded, self.geom.vit_prefix, keep_idx)  # [k, b, w]
+        image = self.projection(kept)  # [k, b, d]
+        text = self.token_embedding(tokens[:, :-1]).transpose(0, 1)  # [t, b, d]
+        x = torch.cat([image, text.to(image.dtype)])  # [k + t, b, d]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(1)
+        if self.config.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [(k + t)/tp, b, d]
+        return x.contiguous()
+
+
+class CaptionHead(MegatronModule):
+    """decoder output [s_dec(/tp), b, d] -> per-token caption loss [t, b] and metrics."""
+
+    def __init__(self, config: TransformerConfig, decoder: DecoderConfig, geom: SequenceGeometry):
+        super().__init__(config=config)
+        self.geom, self.pad_id, self.vocab_size = geom, decoder.pad_id, decoder.vocab_size
+        head_config = copy.copy(config)
+        head_config.sequence_parallel = False  # we gather and slice before the head
+        self.head = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, geom.padded_vocab, config=head_config,
+            init_method=config.init_method, bias=False, gather_output=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[s_dec(/tp), b, d] -> vocab-parallel logits at text positions [t, b, v/tp]."""
+        if self.config.sequence_parallel:
+            hidden = mappings.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False)  # [s_dec, b, d]
+        logits, _ = self.head(hidden[self.geom.num_kept:])
+        return self._mask_vocab_padding(logits)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padding rows of the vocabulary (added for even TP shards) can never be predicted:
+        -inf keeps them out of the softmax normaliser, so the loss is that of the real vocab."""
+        from megatron.core import parallel_state
+
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start + local <= self.vocab_size:
+            return logits
+        ids = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(ids >= self.vocab_size, float("-inf"))
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.logits(hidden).float()  # [t, b, v/tp]
+        labels = tokens[:, 1:].t().contiguous()  # [t, b]
+        token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [t, b]
+        mask = labels != self.pad_id
+        with torch.no_grad():
+            correct = (vocab_parallel_argmax(logits) == labels) & mask
+        return dict(loss_sum=(token_loss * mask).sum(), num_tokens=mask.sum(),
+                    correct=correct.sum())
+
+
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the full vocabulary of vocab-parallel logits [..., v/tp] -> [...] ids."""
+    from megatron.core import parallel_state
+
+    local_max, local_arg = logits.max(dim=-1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1:
+        return local_arg
+    rank = torch.distributed.get_rank(group)
+    global_arg = local_arg + rank * logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(size)]
+    args = [torch.empty_like(global_arg) for _ in range(size)]
+    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
+    torch.distributed.all_gather(args, global_arg.contiguous(), group=group)
+    best = torch.stack(maxes).argmax(dim=0)  # first rank wins ties, as a plain argmax would
+    return torch.stack(args).gather(0, best.unsqueeze(0)).squeeze(0)

@@ -1,0 +1,154 @@
+"""OpenVision 2: ViT -> keep a random subset of patch tokens -> caption decoder -> loss.
+
+One `OpenVision2` module is one pipeline chunk (the whole model when PP=1); its StagePlan
+says which pieces it holds:
+
+    images [b,c,H,W] -> VisionEmbedding -> ViT layers -> | boundary: final norm, token drop,
+    projection, caption embedding | -> decoder layers -> final norm -> head -> caption loss
+
+Stages before the boundary send [s_vit(/tp), b, w_vit], stages after it [s_dec(/tp), b, d].
+Every chunk is called as `model(images, tokens, keep_idx)`; a chunk that is not first reads
+its input from megatron's `set_input_tensor`. The last chunk returns the loss sums
+(CaptionHead), the others the hidden states to send.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType, ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from ov2_megatron.config import ModelConfig, ParallelConfig, SequenceGeometry
+from ov2_megatron.models import specs
+from ov2_megatron.models.caption_decoder import CaptionHead, CaptionInput
+from ov2_megatron.models.stage_block import StageBlock
+from ov2_megatron.models.vision_encoder import VisionEmbedding
+from ov2_megatron.parallel.pipeline_split import StagePlan
+
+
+class OpenVision2(MegatronModule):
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeometry,
+                 plan: StagePlan, impl: str = "local",
+                 params_dtype: torch.dtype = torch.float32):
+        vit, patch = model.vision.shape()
+        dec = model.decoder.shape()
+        super().__init__(config=specs.schedule_config(dec, model, parallel, params_dtype))
+        self.model_type = ModelType.encoder_or_decoder
+        self.plan, self.geom = plan, geom
+        self.vocab_size, self.pad_id = model.decoder.vocab_size, model.decoder.pad_id
+        self.loss_weight = model.decoder.loss_weight
+        self.prefix_mask = model.decoder.mask == "prefix"
+        self.input_tensor = None
+
+        def stack(shape, layers):
+            return specs.stack_config(shape, layers[1] - layers[0], model, parallel, params_dtype)
+
+        self.embedding = self.vision_layers = self.caption_input = None
+        self.decoder_layers = self.head = None
+        if plan.has_embedding:
+            self.embedding = VisionEmbedding(stack(vit, plan.vit_layers), model.vision, geom, patch)
+        if plan.num_vit_layers:
+            self.vision_layers = StageBlock(
+                stack(vit, plan.vit_layers), specs.layer_spec(impl, AttnMaskType.no_mask),
+                plan.vit_layers, vit.depth, final_norm=plan.has_boundary)
+        if plan.has_boundary:
+            self.caption_input = CaptionInput(stack(dec, plan.decoder_layers), vit.width,
+                                              model.decoder, geom)
+        if plan.num_decoder_layers:
+            mask = AttnMaskType.arbitrary if self.prefix_mask else AttnMaskType.causal
+            self.decoder_layers = StageBlock(
+                stack(dec, plan.decoder_layers), specs.layer_spec(impl, mask),
+                plan.decoder_layers, dec.depth, final_norm=plan.has_head)
+        if plan.has_head:
+            self.head = CaptionHead(stack(dec, plan.decoder_layers), model.decoder, geom)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedules hand a non-first chunk its input here."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None,
+                keep_idx: torch.Tensor | None):
+        """Returns the hidden states to send, or on the last chunk the loss sums:
+        {'loss_sum', 'num_tokens', 'correct'} over caption tokens (PAD excluded)."""
+        if tokens is not None and not tokens.is_cuda:  # free on CPU; GPU batches are checked
+            check_token_ids(tokens, self.vocab_size)  # on the host before the copy
+        x = self.embedding(images) if self.embedding is not None else self.input_tensor
+        if self.vision_layers is not None:
+            x = self.vision_layers(x, attention_mask=None)  # [s_vit(/tp), b, w]
+        if self.caption_input is not None:
+            x = self.caption_input(x, tokens, keep_idx)  # [s_dec(/tp), b, d]
+        if self.decoder_layers is not None:
+            x = self.decoder_layers(x, attention_mask=self._decoder_mask(x))
+        if self.head is not None:
+            return self.head(x, tokens)
+        return x
+
+    def _decoder_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """None for causal (megatron builds it); for 'prefix', image tokens see each other."""
+        if not self.prefix_mask:
+            return None
+        k, s = self.geom.num_kept, self.geom.decoder_seq
+        masked = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)  # True = hidden
+        masked[:k, :k] = False
+        return masked.view(1, 1, s, s)
+
+    def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor,
+                       keep_idx: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits at the text positions [b, t, v] (single-chunk models)."""
+        if self.embedding is None or self.head is None:
+            raise ValueError("caption_logits() needs the whole model in one chunk "
+                             "(parallel.pipeline = 1)")
+        from megatron.core import tensor_parallel
+
+        x = self.vision_layers(self.embedding(images), attention_mask=None)
+        x = self.caption_input(x, tokens, keep_idx)
+        x = self.decoder_layers(x, attention_mask=self._decoder_mask(x))
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(self.head.logits(x))
+        return logits[..., : self.vocab_size].transpose(0, 1)  # drop vocabulary padding
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Downstream features of a whole-encoder chunk, at any resolution (multiple of the
+        patch): patch tokens [b, n, w] after the final norm, and pooled [b, w] (CLS output,
+        or the patch mean without CLS)."""
+        if self.embedding is None or not self.plan.has_boundary:
+            raise ValueError("encode() needs the whole encoder in one chunk: load the "
+                             "checkpoint with parallel.pipeline = 1")
+        from megatron.core import tensor_parallel
+
+        x = self.vision_layers(self.embedding(images, any_resolution=True), attention_mask=None)
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False)
+        x = x.transpose(0, 1)  # [b, s, w]
+        patches = x[:, self.geom.vit_prefix:]
+        pooled = x[:, 0] if self.embedding.cls_token is not None else patches.mean(dim=1)
+        return patches, pooled
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"caption token ids span [{low}, {high}], outside the vocabulary "
+                         f"[0, {vocab_size}) (decoder.vocab_size): the tokenizer and the "
+                         "model config disagree")
+
+
+def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeometry,
+                 impl: str = "local", params_dtype: torch.dtype = torch.float32
+                 ) -> list[OpenVision2]:
+    """This rank's model chunks (one per virtual stage), from megatron's parallel state."""
+    from megatron.core import parallel_state
+
+    from ov2_megatron.parallel import pipeline_split
+
+    vit, _ = model.vision.shape()
+    dec = model.decoder.shape()
+    head_flops = 2 * geom.text_len * dec.width * geom.padded_vocab
+    chunks = parallel.pipeline * (parallel.virtual_pipeline or 1)
+    plans = pipeline_split.plan_stages(vit, geom.vit_seq, dec, geom.decoder_seq, head_flops,
+                                       chunks)
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    return [OpenVision2(model, parallel, geom,
+                        plans[pipeline_split.chunk_index(rank, vp, parallel.pipeline)],
+                        impl, params_dtype)
+            for vp in range(parallel.virtual_pipeline or 1)]

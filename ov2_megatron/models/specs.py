@@ -1,0 +1,181 @@
+"""Layer choice in one place: megatron ModuleSpecs (local vs Transformer Engine) and the
+TransformerConfig each stack is built with.
+
+Both specs build the same pre-LN layer (LN -> self-attention -> residual, LN -> GELU MLP ->
+residual, biases on). The local spec uses megatron's own parallel linears and torch
+LayerNorm (CPU and plain GPU); the TE spec fuses each LayerNorm into the following linear
+and is required for FP8. Their checkpoints are interchangeable: the local spec maps its norm
+names onto TE's fused names in the sharded state dict (as megatron's GPT specs do).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from ov2_megatron.config import ModelConfig, ParallelConfig
+from ov2_megatron.variants import TransformerShape
+
+_LOCAL_TO_TE_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def transformer_engine_available() -> bool:
+    """TE imports only with CUDA and its driver; never import it on CPU machines."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def resolve_impl(requested: str) -> str:
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if requested == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("transformer_impl 'transformer_engine' needs CUDA and Transformer "
+                         "Engine (NGC PyTorch containers ship it); use 'local' or 'auto'")
+    return requested
+
+
+def layer_spec(impl: str, mask: AttnMaskType) -> ModuleSpec:
+    """The transformer layer for `impl` ('local' or 'transformer_engine') and mask type."""
+    if impl == "transformer_engine":
+        return _te_layer_spec(mask)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=_local_norm(),
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=_local_norm(),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_LOCAL_TO_TE_NORM_KEYS),
+        ),
+    )
+
+
+def _local_norm():
+    """Apex's fused LayerNorm where present (GPU containers), else torch's."""
+    try:
+        import apex  # noqa: F401
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        return FusedLayerNorm
+    except ImportError:
+        return WrappedTorchNorm
+
+
+def _te_layer_spec(mask: AttnMaskType) -> ModuleSpec:
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention, linear_proj=TERowParallelLinear,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
+                 parallel: ParallelConfig, params_dtype: torch.dtype) -> TransformerConfig:
+    """TransformerConfig for one stage's stack of `num_layers` layers.
+
+    Pipeline placement is ours (pipeline_split.py), so each stack is built as a one-stage
+    model; the schedules get `schedule_config()` instead."""
+    on_gpu = torch.cuda.is_available()
+    fp8_kwargs = {}
+    if model.fp8 == "nvfp4":
+        fp8_kwargs = dict(fp4="e2m1", fp4_recipe="nvfp4")
+    elif model.fp8:
+        # hybrid: E4M3 forward, E5M2 gradients (the standard training split).
+        fp8_kwargs = dict(fp8="hybrid", fp8_recipe=model.fp8)
+    return TransformerConfig(
+        num_layers=max(num_layers, 1),
+        hidden_size=shape.width,
+        ffn_hidden_size=shape.mlp_dim,
+        num_attention_heads=shape.num_heads,
+        layernorm_epsilon=model.layernorm_eps,
+        init_method_std=model.init_std,
+        activation_func=F.gelu,  # exact (erf) GELU, as the reference
+        add_bias_linear=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # The fused kernels are CUDA-only; their unfused forms are numerically the same.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        attention_softmax_in_fp32=True,
+        **fp8_kwargs,
+    )
+
+
+def schedule_config(decoder: TransformerShape, model: ModelConfig, parallel: ParallelConfig,
+                    params_dtype: torch.dtype) -> TransformerConfig:
+    """The config megatron's pipeline schedules read from the model: p2p and loss settings."""
+    chunks = parallel.pipeline * (parallel.virtual_pipeline or 1)
+    config = stack_config(decoder, chunks, model, parallel, params_dtype)
+    config = copy.copy(config)
+    config.pipeline_model_parallel_size = parallel.pipeline
+    config.virtual_pipeline_model_parallel_size = parallel.virtual_pipeline
+    config.pipeline_dtype = params_dtype
+    # Stages send tensors of different shapes ([s_vit, b, w_vit] vs [s_dec, b, w_dec]), so
+    # the schedules exchange shapes before each tensor.
+    config.variable_seq_lengths = True
+    # Interleaving is only exact with overlapped, unbatched p2p (batched p2p crosses the sends
+    # when both neighbours are one rank: see ../shared/docs/megatron_on_cpu.md).
+    interleaved = parallel.virtual_pipeline is not None
+    config.overlap_p2p_comm = interleaved
+    config.batch_p2p_comm = not interleaved
+    # Loss = sum over caption tokens / tokens in the global batch, whatever the micro-batching.
+    config.calculate_per_token_loss = True
+    return config

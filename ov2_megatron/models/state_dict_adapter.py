@@ -1,0 +1,106 @@
+"""Names and layouts: megatron chunks <-> one plain "standard" state dict.
+
+Standard layout (the one the pure-PyTorch reference in tests/ uses and the timm / Hugging Face
+exporters start from): `vision.blocks.{i}.attn.qkv.weight` is [3w, w] with rows [q; k; v],
+LayerNorms are `ln1`/`ln2`, the MLP is `fc1`/`fc2`, the vocabulary is unpadded.
+
+Megatron differences handled here: fused QKV rows interleaved per head ([heads, (q,k,v), d]),
+layer indices local to a pipeline chunk, and vocabulary rows padded for TP.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ov2_megatron.parallel.pipeline_split import StagePlan
+
+_LAYER = re.compile(r"^(vision_layers|decoder_layers)\.layers\.(\d+)\.(.*)$")
+
+_LAYER_PARTS = {
+    "input_layernorm.weight": "ln1.weight", "input_layernorm.bias": "ln1.bias",
+    "self_attention.linear_qkv.weight": "attn.qkv.weight",
+    "self_attention.linear_qkv.bias": "attn.qkv.bias",
+    "self_attention.linear_proj.weight": "attn.proj.weight",
+    "self_attention.linear_proj.bias": "attn.proj.bias",
+    "pre_mlp_layernorm.weight": "ln2.weight", "pre_mlp_layernorm.bias": "ln2.bias",
+    "mlp.linear_fc1.weight": "mlp.fc1.weight", "mlp.linear_fc1.bias": "mlp.fc1.bias",
+    "mlp.linear_fc2.weight": "mlp.fc2.weight", "mlp.linear_fc2.bias": "mlp.fc2.bias",
+}
+_OTHER = {
+    "embedding.patch_embed.weight": "vision.patch_embed.weight",
+    "embedding.cls_token": "vision.cls_token",
+    "embedding.registers": "vision.registers",
+    "embedding.pos_embed": "vision.pos_embed",
+    "vision_layers.final_layernorm.weight": "vision.norm.weight",
+    "vision_layers.final_layernorm.bias": "vision.norm.bias",
+    "caption_input.projection.weight": "decoder.img_proj.weight",
+    "caption_input.token_embedding.weight": "decoder.tok_embed.weight",
+    "caption_input.pos_embed": "decoder.pos_embed",
+    "decoder_layers.final_layernorm.weight": "decoder.norm.weight",
+    "decoder_layers.final_layernorm.bias": "decoder.norm.bias",
+    "head.head.weight": "decoder.head.weight",
+}
+_VOCAB_ROWS = ("decoder.tok_embed.weight", "decoder.head.weight")
+
+
+def standard_name(chunk_name: str, plan: StagePlan) -> str:
+    """A parameter name inside one chunk -> its standard (global) name."""
+    match = _LAYER.match(chunk_name)
+    if match:
+        stack, local, part = match.groups()
+        tower, start = (("vision", plan.vit_layers[0]) if stack == "vision_layers"
+                        else ("decoder", plan.decoder_layers[0]))
+        if part not in _LAYER_PARTS:
+            raise KeyError(f"unexpected layer parameter {chunk_name!r}")
+        return f"{tower}.blocks.{start + int(local)}.{_LAYER_PARTS[part]}"
+    if chunk_name not in _OTHER:
+        raise KeyError(f"unexpected parameter {chunk_name!r}")
+    return _OTHER[chunk_name]
+
+
+def qkv_to_standard(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """megatron [heads * (q, k, v) * d, ...] -> [(q, k, v) * heads * d, ...]."""
+    rest = tensor.shape[1:]
+    per_head = tensor.reshape(heads, 3, -1, *rest)  # [heads, 3, d, ...]
+    return per_head.transpose(0, 1).reshape(tensor.shape)
+
+
+def qkv_from_standard(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(3, heads, -1, *rest)  # [3, heads, d, ...]
+    return grouped.transpose(0, 1).reshape(tensor.shape)
+
+
+def to_standard(full_chunk_state: dict[str, torch.Tensor], plan: StagePlan, vit_heads: int,
+                decoder_heads: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """One chunk's full (TP-gathered) parameters or gradients -> standard names and layouts."""
+    out = {}
+    for name, tensor in full_chunk_state.items():
+        std = standard_name(name, plan)
+        if std.endswith("attn.qkv.weight") or std.endswith("attn.qkv.bias"):
+            tensor = qkv_to_standard(tensor, vit_heads if std.startswith("vision") else decoder_heads)
+        if std in _VOCAB_ROWS:
+            tensor = tensor[:vocab_size]
+        out[std] = tensor
+    return out
+
+
+def from_standard(standard: dict[str, torch.Tensor], chunk_names: list[str], plan: StagePlan,
+                  vit_heads: int, decoder_heads: int,
+                  padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Standard tensors -> full (unsharded) tensors for the named parameters of one chunk."""
+    out = {}
+    for name in chunk_names:
+        std = standard_name(name, plan)
+        if std not in standard:
+            raise KeyError(f"{std!r} (for {name!r}) missing from the source state dict")
+        tensor = standard[std]
+        if std.endswith("attn.qkv.weight") or std.endswith("attn.qkv.bias"):
+            tensor = qkv_from_standard(tensor, vit_heads if std.startswith("vision") else decoder_heads)
+        if std in _VOCAB_ROWS and tensor.shape[0] < padded_vocab:
+            pad = tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])
+            tensor = torch.cat([tensor, pad])
+        out[name] = tensor
+    return out
