@@ -34,6 +34,10 @@ class OpenVision2(MegatronModule):
         dec = model.decoder.shape()
         super().__init__(config=specs.schedule_config(dec, model, parallel, params_dtype))
         self.model_type = ModelType.encoder_or_decoder
+        # Read by megatron's finalize_model_grads (written for GPT's tied embeddings): our
+        # caption embedding and head are separate weights, so nothing is shared across stages.
+        self.pre_process, self.post_process = plan.has_embedding, plan.has_head
+        self.share_embeddings_and_output_weights = False
         self.plan, self.geom = plan, geom
         self.vocab_size, self.pad_id = model.decoder.vocab_size, model.decoder.pad_id
         self.loss_weight = model.decoder.loss_weight
@@ -134,9 +138,11 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
 
 
 def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeometry,
-                 impl: str = "local", params_dtype: torch.dtype = torch.float32
-                 ) -> list[OpenVision2]:
-    """This rank's model chunks (one per virtual stage), from megatron's parallel state."""
+                 impl: str = "local", params_dtype: torch.dtype = torch.float32,
+                 init_seed: int | None = None) -> list[OpenVision2]:
+    """This rank's model chunks (one per virtual stage), from megatron's parallel state.
+
+    With `init_seed`, weights are drawn independently of the layout (models/init.py)."""
     from megatron.core import parallel_state
 
     from ov2_megatron.parallel import pipeline_split
@@ -148,7 +154,14 @@ def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeo
     plans = pipeline_split.plan_stages(vit, geom.vit_seq, dec, geom.decoder_seq, head_flops,
                                        chunks)
     rank = parallel_state.get_pipeline_model_parallel_rank()
-    return [OpenVision2(model, parallel, geom,
-                        plans[pipeline_split.chunk_index(rank, vp, parallel.pipeline)],
-                        impl, params_dtype)
-            for vp in range(parallel.virtual_pipeline or 1)]
+    chunks = [OpenVision2(model, parallel, geom,
+                          plans[pipeline_split.chunk_index(rank, vp, parallel.pipeline)],
+                          impl, params_dtype)
+              for vp in range(parallel.virtual_pipeline or 1)]
+    if init_seed is not None:
+        from ov2_megatron.models.init import initialize_weights
+
+        for chunk in chunks:
+            initialize_weights(chunk, init_seed, model.init_std, vit.num_heads, dec.num_heads,
+                               model.decoder.vocab_size)
+    return chunks

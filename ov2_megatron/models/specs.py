@@ -176,6 +176,8 @@ def schedule_config(decoder: TransformerShape, model: ModelConfig, parallel: Par
     interleaved = parallel.virtual_pipeline is not None
     config.overlap_p2p_comm = interleaved
     config.batch_p2p_comm = not interleaved
+    # Interleaving runs micro-batches in groups of PP per virtual stage (megatron's default).
+    config.microbatch_group_size_per_vp_stage = parallel.pipeline
     # Loss = sum over caption tokens / tokens in the global batch, whatever the micro-batching.
     config.calculate_per_token_loss = True
     return config

@@ -42,7 +42,7 @@ _OTHER = {
     "decoder_layers.final_layernorm.bias": "decoder.norm.bias",
     "head.head.weight": "decoder.head.weight",
 }
-_VOCAB_ROWS = ("decoder.tok_embed.weight", "decoder.head.weight")
+VOCAB_ROWS = ("decoder.tok_embed.weight", "decoder.head.weight")
 
 
 def standard_name(chunk_name: str, plan: StagePlan) -> str:
@@ -81,7 +81,7 @@ def to_standard(full_chunk_state: dict[str, torch.Tensor], plan: StagePlan, vit_
         std = standard_name(name, plan)
         if std.endswith("attn.qkv.weight") or std.endswith("attn.qkv.bias"):
             tensor = qkv_to_standard(tensor, vit_heads if std.startswith("vision") else decoder_heads)
-        if std in _VOCAB_ROWS:
+        if std in VOCAB_ROWS:
             tensor = tensor[:vocab_size]
         out[std] = tensor
     return out
@@ -99,7 +99,7 @@ def from_standard(standard: dict[str, torch.Tensor], chunk_names: list[str], pla
         tensor = standard[std]
         if std.endswith("attn.qkv.weight") or std.endswith("attn.qkv.bias"):
             tensor = qkv_from_standard(tensor, vit_heads if std.startswith("vision") else decoder_heads)
-        if std in _VOCAB_ROWS and tensor.shape[0] < padded_vocab:
+        if std in VOCAB_ROWS and tensor.shape[0] < padded_vocab:
             pad = tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])
             tensor = torch.cat([tensor, pad])
         out[name] = tensor

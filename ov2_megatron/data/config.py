@@ -1,0 +1,187 @@
+"""DataConfig: everything the image-caption data path needs, checked once before any compute.
+
+`validate()` checks the numbers; `resolve_shards()` turns the shard spec (glob, directory or
+comma list) into concrete tar paths and opens each one, so a missing, unreadable or non-tar
+shard is a clear start-up error instead of a crash inside a DALI worker thread hours later.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+
+# CLIP's normalisation constants; OpenVision's released encoders are used with these.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_TAR_BLOCK = 512
+
+
+@dataclass
+class DataConfig:
+    """Image-caption data: shards, tokenizer, augmentation and loader settings."""
+
+    train_shards: str = ""
+    """Training shards: a glob (`data/shard-*.tar`), a directory (all `*.tar` in it) or a
+    comma-separated list of tar paths. Each shard is a webdataset tar of `KEY.jpg` + `KEY.txt`."""
+
+    val_shards: str = ""
+    """Validation shards, same syntax as `train_shards`; empty means no validation set."""
+
+    tokenizer_model: str = ""
+    """Path of the SentencePiece `.model` (see tools/train_tokenizer.py)."""
+
+    resolution: int = 224
+    """Square output side in pixels (84 for stage 1, 224+ for stage 2 of the OpenVision recipe)."""
+
+    caption_length: int = 128
+    """Tokens per caption including BOS and EOS, as in the reference; the decoder input is
+    caption_length - 1 tokens."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    """Random-resized-crop area range, as fractions of the image. Narrower than torchvision's
+    (0.08, 1) because captions describe the whole image: a 8% crop loses what they mention."""
+
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    """Random-resized-crop aspect-ratio range (width / height), torchvision's default."""
+
+    flip: bool = False
+    """Random horizontal flip. Off by default: captions say "left" and "right"."""
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    """Per-channel mean subtracted after scaling pixels to [0, 1] (CLIP / OpenVision)."""
+
+    std: tuple[float, float, float] = CLIP_STD
+    """Per-channel standard deviation divided out after subtracting the mean."""
+
+    num_threads: int = 4
+    """DALI CPU worker threads per data-parallel rank (decode, crop, resize on CPU)."""
+
+    seed: int = 0
+    """Base seed of shuffling and augmentation; each data-parallel rank derives its own."""
+
+    prefetch: int = 2
+    """Batches DALI prepares ahead of the one being consumed (prefetch_queue_depth)."""
+
+    shuffle_buffer: int = 1024
+    """Samples in the reader's shuffle buffer; DALI's webdataset reader mixes only within it,
+    shard order is shuffled once from the seed on top of that."""
+
+    max_image_pixels: int = 40_000_000
+    """Images whose header declares more pixels than this are replaced, not decoded: a
+    decompression bomb would otherwise stall or OOM a decoder thread."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and how to fix it."""
+        if not self.train_shards.strip():
+            raise ValueError("DataConfig.train_shards is empty: set it to a glob, directory or "
+                             "comma list of webdataset .tar shards (tools/prepare_shards.py)")
+        if not self.tokenizer_model:
+            raise ValueError("DataConfig.tokenizer_model is empty: set it to a SentencePiece "
+                             ".model file (tools/train_tokenizer.py)")
+        if self.resolution < 8:
+            raise ValueError(f"DataConfig.resolution {self.resolution} is too small: use >= 8")
+        if self.caption_length < 3:
+            raise ValueError(f"DataConfig.caption_length {self.caption_length} leaves no room "
+                             "for BOS, one token and EOS: use >= 3 (reference: 128)")
+        _check_range("crop_scale", self.crop_scale, upper=1.0)
+        _check_range("crop_ratio", self.crop_ratio, upper=None)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3:
+                raise ValueError(f"DataConfig.{name} has {len(values)} values: give one per "
+                                 "RGB channel (3)")
+        if min(self.std) <= 0:
+            raise ValueError(f"DataConfig.std {self.std} has a non-positive entry: use > 0")
+        for name in ("num_threads", "prefetch", "shuffle_buffer", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} {getattr(self, name)} must be >= 1")
+
+    def resolve_shards(self, spec: str | None = None) -> list[str]:
+        """Concrete, sorted shard paths of `spec` (default: train_shards), each checked to be
+        a readable tar. Raises FileNotFoundError / ValueError naming the shard and the fix."""
+        spec = self.train_shards if spec is None else spec
+        return resolve_shard_spec(spec)
+
+
+def _check_range(name: str, value: tuple[float, float], upper: float | None) -> None:
+    lo, hi = value
+    if not (0 < lo <= hi) or (upper is not None and hi > upper):
+        bound = f"0 < low <= high <= {upper}" if upper is not None else "0 < low <= high"
+        raise ValueError(f"DataConfig.{name} {tuple(value)} is invalid: need {bound}")
+
+
+def resolve_shard_spec(spec: str) -> list[str]:
+    """Expand a glob / directory / comma list into validated tar paths (see DataConfig)."""
+    if not spec.strip():
+        raise ValueError("shard spec is empty: give a glob, directory or comma list of .tar files")
+    paths: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"shard directory {part} holds no .tar files: run "
+                                        "tools/prepare_shards.py --output there first")
+            paths.extend(found)
+        elif glob.has_magic(part):
+            found = sorted(glob.glob(part))
+            if not found:
+                raise FileNotFoundError(f"shard glob {part} matched no files: check the path")
+            paths.extend(found)
+        else:
+            paths.append(part)
+    for path in paths:
+        check_shard(path)
+    return paths
+
+
+def check_shard(path: str) -> None:
+    """Open `path` and parse its first tar header; raise a clear error if that fails."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"shard {path} does not exist: fix the shard list in the config")
+    if not os.path.isfile(path):
+        raise ValueError(f"shard {path} is not a regular file: list .tar files or a directory")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_TAR_BLOCK)
+    except OSError as err:
+        raise PermissionError(f"shard {path} cannot be read ({err.strerror}): fix its "
+                              "permissions or remove it from the shard list") from err
+    if len(head) < _TAR_BLOCK:
+        raise ValueError(f"shard {path} is {len(head)} bytes, too short to be a tar: "
+                         "re-create it with tools/prepare_shards.py")
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as err:
+        raise ValueError(f"shard {path} is not a valid tar ({err}): re-create it with "
+                         "tools/prepare_shards.py or remove it from the shard list") from err
+
+
+def index_path_for(shard: str) -> str:
+    """DALI index file that belongs to `shard` (the naming `wds2idx` uses: X.tar -> X.idx)."""
+    return shard[: -len(".tar")] + ".idx" if shard.endswith(".tar") else shard + ".idx"
+
+
+def find_index_paths(shards: list[str]) -> list[str] | None:
+    """Index files for all shards, or None when any is missing (DALI needs all or none;
+    without them it scans every tar at start-up, which is slower but correct)."""
+    paths = [index_path_for(s) for s in shards]
+    if all(os.path.isfile(p) and os.path.getsize(p) > 0 for p in paths):
+        return paths
+    return None
+
+
+def shards_digest(shards: list[str]) -> str:
+    """Short digest of the ordered shard names, stored in loader state to detect a changed set.
+    Base names only, so a dataset moved to another mount point still resumes."""
+    joined = "\n".join(os.path.basename(s) for s in shards)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+__all__ = ["DataConfig", "CLIP_MEAN", "CLIP_STD", "resolve_shard_spec", "check_shard",
+           "index_path_for", "find_index_paths", "shards_digest"]

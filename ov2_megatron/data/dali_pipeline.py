@@ -1,0 +1,324 @@
+"""ImageCaptionLoader: webdataset shards -> DALI decode/augment -> {"images", "tokens"} batches.
+
+Pipeline per data-parallel rank (one graph; only the decoder's device changes):
+    readers.webdataset (shard_id=dp_rank, num_shards=dp_size, shuffle buffer, seed)
+      -> python_function SampleFilter (header checks, placeholder swap, tokenization)
+      -> decoders.image_random_crop (train) | decoders.image + resize shorter (eval)
+         device "mixed" (nvJPEG on the GPU) when CUDA is there, "cpu" otherwise
+      -> resize to R x R -> crop_mirror_normalize (CHW float32, mean/std, optional flip)
+Every TP/PP rank of one replica passes the same dp_rank and gets the same batches: the stream
+is a pure function of (shards, seed, dp_rank, dp_size, batch_size) and the restored state.
+
+Bad samples never stop the stream: SampleFilter flags them, and here a flagged row is replaced
+by a good row of the same batch (training: shapes stay fixed) or dropped (eval: metrics see only
+real samples); every case is counted in `stats()`. Decoder failures that slip past the header
+checks are recovered from (see sample_filter.py and `_recover`).
+
+Resume: `state()` holds DALI's own checkpoint taken through the iterator after the last
+consumed batch (reader position, shuffle buffer RNG, augmentation RNG), plus our counters and
+blocklist. A state is refused by a loader whose dp_rank, dp_size, batch_size, shard list or
+mode differ: DALI would load it silently into such a pipeline and replay the wrong samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import warnings
+from collections import Counter
+
+import torch
+
+from ov2_megatron.data.config import DataConfig, find_index_paths, resolve_shard_spec, shards_digest
+from ov2_megatron.data.sample_checks import Issue
+from ov2_megatron.data.sample_filter import SampleFilter
+from ov2_megatron.data.tokenizer import CaptionTokenizer
+
+_STATE_VERSION = 1
+_MAX_RECOVERIES_PER_BATCH = 3
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "gpu" when CUDA is available, else "cpu"."""
+    if device not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"device {device!r} must be 'auto', 'cpu' or 'gpu'")
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if device == "cuda" else device
+
+
+def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_size: int,
+                   batch_size: int, training: bool, device: str, sample_filter: SampleFilter,
+                   checkpoint: bytes | None = None):
+    """The DALI pipeline described in the module docstring (not yet built)."""
+    from nvidia.dali import Pipeline, fn, types
+
+    device_id = torch.cuda.current_device() if device == "gpu" else None
+    # Different ranks must not draw the same crop sequence; the reader seed only orders its
+    # own shard, so deriving both from (seed, rank) is safe.
+    pipe = Pipeline(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
+                    seed=(config.seed * 1_000_003 + dp_rank) % (2**31),
+                    prefetch_queue_depth=config.prefetch, enable_checkpointing=True,
+                    checkpoint=checkpoint)
+    size = config.resolution
+    with pipe:
+        jpegs, texts = fn.readers.webdataset(
+            paths=shards, index_paths=find_index_paths(shards), ext=["jpg;jpeg", "txt"],
+            missing_component_behavior="empty",  # a missing .txt becomes an empty caption
+            shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
+            initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
+        jpegs, tokens, issues, captions = fn.python_function(
+            jpegs, texts, function=sample_filter, num_outputs=4, batch_processing=True)
+        decoder_device = "mixed" if device == "gpu" else "cpu"
+        # nvJPEG's default chroma upsampling differs from libjpeg-turbo's; ask for the CPU's, so
+        # GPU and CPU runs (and the CPU-tested pixels) agree.
+        decoder_args = {"jpeg_fancy_upsampling": True} if device == "gpu" else {}
+        mean = [255.0 * m for m in config.mean]
+        std = [255.0 * s for s in config.std]
+        if training:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decoder_device, output_type=types.RGB,
+                random_area=list(config.crop_scale), random_aspect_ratio=list(config.crop_ratio),
+                num_attempts=10, **decoder_args)
+            images = fn.resize(images, resize_x=size, resize_y=size)
+            mirror = fn.random.coin_flip(probability=0.5) if config.flip else 0
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              mean=mean, std=std, mirror=mirror)
+            pipe.set_outputs(images, tokens, issues)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                                       **decoder_args)
+            images = fn.resize(images, resize_shorter=size)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              crop=(size, size), mean=mean, std=std)
+            pipe.set_outputs(images, tokens, issues, fn.pad(captions, fill_value=0))
+    return pipe
+
+
+class DecodeProbe:
+    """Decodes encoded images one at a time with the loader's decoder, to tell which of them
+    break it. One pipeline serves all images; it is rebuilt only after a failure (DALI
+    invalidates a pipeline that raised)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._pipe = None
+
+    def _build(self):
+        from nvidia.dali import Pipeline, fn
+
+        device_id = torch.cuda.current_device() if self.device == "gpu" else None
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=device_id,
+                        prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+        with pipe:
+            encoded = fn.external_source(name="encoded", device="cpu")
+            pipe.set_outputs(fn.decoders.image(
+                encoded, device="mixed" if self.device == "gpu" else "cpu"))
+        pipe.build()
+        return pipe
+
+    def failing(self, images: list[bytes]) -> list[bytes]:
+        import numpy as np
+
+        bad = []
+        for data in images:
+            if self._pipe is None:
+                self._pipe = self._build()
+            try:
+                self._pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+                self._pipe.run()
+            except RuntimeError:
+                bad.append(data)
+                self._pipe = None
+        return bad
+
+
+class ImageCaptionLoader:
+    """Iterable of {"images": float32 [B,3,R,R], "tokens": int64 [B,L], "captions" (eval)}.
+
+    Training: an endless stream (the reader wraps around epochs; with stick_to_shard off each
+    rank moves to the next shard every epoch). Eval (`training=False`): one pass over this
+    rank's part of the shards per `iter()`, no shuffle, center crop, bad rows dropped.
+    Images and tokens are on the GPU when the pipeline decodes there.
+    """
+
+    def __init__(self, config: DataConfig, *, dp_rank: int, dp_size: int, batch_size: int,
+                 training: bool = True, resume_state: dict | None = None, device: str = "auto",
+                 shards: str | None = None):
+        config.validate()
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be >= 1")
+        spec = shards if shards is not None else (config.train_shards if training
+                                                  else config.val_shards)
+        if not spec:
+            raise ValueError("DataConfig.val_shards is empty but an eval loader was requested: "
+                             "set val_shards or pass shards=")
+        self.config, self.training = config, training
+        self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
+        self.shards = resolve_shard_spec(spec)  # raises before any pipeline exists
+        if training:  # one seeded order for all ranks: DALI splits this list into rank ranges
+            random.Random(config.seed).shuffle(self.shards)
+        self.tokenizer = CaptionTokenizer.from_file(config.tokenizer_model)
+        self._filter = SampleFilter(self.tokenizer, config.caption_length, config.max_image_pixels)
+        self._stats: Counter = Counter()
+        self._batches = 0
+        checkpoint = None
+        if resume_state is not None:
+            checkpoint = self._load_state(resume_state)
+        self._checkpoint = checkpoint
+        self._needs_reset = False
+        self.device = resolve_device(device)
+        try:
+            self._build(checkpoint)
+        except RuntimeError as err:
+            if device != "auto" or self.device != "gpu":
+                raise
+            warnings.warn(f"GPU decoding unavailable ({err}); falling back to CPU decoding",
+                          stacklevel=2)
+            self.device = "cpu"
+            self._build(checkpoint)
+
+    def _build(self, checkpoint: bytes | None) -> None:
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self._pipe = build_pipeline(self.config, self.shards, dp_rank=self.dp_rank,
+                                    dp_size=self.dp_size, batch_size=self.batch_size,
+                                    training=self.training, device=self.device,
+                                    sample_filter=self._filter, checkpoint=checkpoint)
+        self._pipe.build()
+        names = ["images", "tokens", "issues"] + ([] if self.training else ["captions"])
+        # Training has no reader_name: the iterator never ends an epoch, so there is no epoch
+        # bookkeeping to checkpoint and no padded duplicate at an epoch edge.
+        self._iter = DALIGenericIterator(
+            [self._pipe], names, reader_name=None if self.training else "reader",
+            auto_reset=False, prepare_first_batch=False,
+            last_batch_policy=LastBatchPolicy.FILL if self.training else LastBatchPolicy.PARTIAL)
+
+    def __iter__(self) -> "ImageCaptionLoader":
+        if self._needs_reset:  # eval: each iter() is one more full pass
+            self._iter.reset()
+            self._needs_reset = False
+        return self
+
+    def __next__(self) -> dict:
+        recoveries = 0
+        while True:
+            try:
+                out = next(self._iter)[0]
+            except StopIteration:
+                self._needs_reset = True
+                raise
+            except RuntimeError as err:
+                recoveries += 1
+                if recoveries > _MAX_RECOVERIES_PER_BATCH or not self._recover(err):
+                    raise
+                continue
+            self._checkpoint = self._iter.checkpoints()[0]
+            self._batches += 1
+            batch = self._finish(out)
+            if batch is not None:
+                return batch
+
+    def _finish(self, out: dict) -> dict | None:
+        """Count issues; replace (train) or drop (eval) flagged rows."""
+        issues = out["issues"].reshape(-1).cpu()  # [B]
+        images, tokens = out["images"], out["tokens"].to(torch.int64)
+        bad = issues != Issue.OK
+        n_bad = int(bad.sum())
+        self._stats["samples"] += len(issues)
+        if n_bad:
+            for code, count in Counter(issues[bad].tolist()).items():
+                self._stats[Issue(code).metric_name] += count
+        batch: dict = {}
+        if not self.training:
+            keep = torch.nonzero(~bad).reshape(-1)
+            self._stats["dropped"] += n_bad
+            raw = out["captions"].cpu()[keep]  # [b, max_bytes] uint8, NUL padded
+            batch["captions"] = [bytes(row.tolist()).rstrip(b"\0").decode("utf-8") for row in raw]
+            if n_bad:
+                images, tokens = images[keep.to(images.device)], tokens[keep]
+            if len(keep) == 0:
+                return None
+        elif n_bad:
+            good = torch.nonzero(~bad).reshape(-1)
+            if len(good) == 0:
+                self._stats["batches_skipped"] += 1
+                return None
+            source = torch.arange(len(issues))
+            bad_rows = torch.nonzero(bad).reshape(-1)
+            source[bad_rows] = good[torch.arange(n_bad) % len(good)]  # deterministic reuse
+            images, tokens = images[source.to(images.device)], tokens[source]
+            self._stats["replaced"] += n_bad
+        batch["images"] = images                       # [B, 3, R, R] float32
+        batch["tokens"] = tokens.to(images.device)     # [B, L] int64: BOS ... EOS PAD ...
+        return batch
+
+    def _recover(self, error: RuntimeError) -> bool:
+        """A batch failed inside DALI. DALI invalidates the pipeline when any in-flight batch
+        fails, so the culprit is in one of the next `prefetch + 1` batches after the last
+        checkpoint: replay those from the checkpoint while the filter captures their encoded
+        images, decode each alone to find the culprit(s), blocklist them and rebuild. Returns
+        False when no image is to blame (then the error is not a data problem)."""
+        in_flight = self.config.prefetch + 1
+        self._filter.captured = []
+        self._filter.capture_batches = in_flight
+        self._close()
+        self._build(self._checkpoint)
+        for _ in range(in_flight):
+            try:
+                next(self._iter)
+            except (RuntimeError, StopIteration):
+                break  # expected: the replay fails again, after the filter captured it
+        self._filter.capture_batches = 0
+        culprits = DecodeProbe(self.device).failing(self._filter.captured)
+        self._filter.captured = []
+        for data in culprits:
+            self._filter.block(data)
+        self._close()
+        self._build(self._checkpoint)
+        self._stats["recoveries"] += 1
+        return bool(culprits)
+
+    def _close(self) -> None:
+        self._iter = None
+        self._pipe = None
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters (survive resume): samples, one per Issue name that occurred,
+        replaced / dropped / batches_skipped / recoveries."""
+        return dict(self._stats)
+
+    def state(self) -> dict:
+        """Picklable (plain types only) state that resumes this exact stream."""
+        checkpoint = self._checkpoint if self._checkpoint is not None else \
+            self._iter.checkpoints()[0]
+        return {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "batch_size": self.batch_size, "training": self.training,
+                "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
+                "batches": self._batches, "stats": dict(self._stats),
+                "blocklist": self._filter.blocked(),
+                "dali": base64.b64encode(checkpoint if isinstance(checkpoint, bytes)
+                                         else checkpoint.encode()).decode("ascii")}
+
+    def _load_state(self, state: dict) -> bytes:
+        expected = {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                    "batch_size": self.batch_size, "training": self.training,
+                    "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"data loader resume_state has {key}={state.get(key)!r} but this loader has "
+                    f"{key}={value!r}. A DALI checkpoint records reader positions for one exact "
+                    "split of the shards; it cannot be re-split. Resume with the same data-"
+                    "parallel size, batch size, shards and seed, or pass resume_state=None to "
+                    "start a fresh stream (samples already seen will be seen again).")
+        self._stats = Counter(state["stats"])
+        self._batches = int(state["batches"])
+        self._filter.restore_blocklist(state["blocklist"])
+        return base64.b64decode(state["dali"])
+
+
+__all__ = ["ImageCaptionLoader", "DecodeProbe", "build_pipeline", "resolve_device"]

@@ -1,0 +1,315 @@
+"""Turn a folder or a table of (image, caption) into validated shards; the library behind
+tools/prepare_shards.py and the synthetic dataset.
+
+Every image is decoded once (PIL). Samples that cannot be trained on are skipped and listed
+with their reason in `skipped.tsv`; usable non-JPEG images are re-encoded to JPEG so the
+loader's contract (JPEG + UTF-8 caption) holds for every written sample. `manifest.json` is
+written last and records a fingerprint of the inputs: a re-run with unchanged inputs does
+nothing, a re-run with changed inputs rewrites the shards and removes stale ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ov2_megatron.data.sample_checks import Issue, check_caption, inspect_image
+from ov2_megatron.data.shards import Sample, ShardWriter
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img", "jpg")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title", "description")
+MANIFEST, SKIP_REPORT = "manifest.json", "skipped.tsv"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class RawSample:
+    """An input before validation: where it came from, its bytes (or a path to read) and text."""
+
+    source: str
+    image: bytes | None = None
+    image_path: str | None = None
+    caption: bytes | str | None = None
+    meta: dict | None = None
+    skip_reason: str = ""
+    """Set by the input reader when the sample is already known to be unusable."""
+
+
+@dataclass
+class PrepareReport:
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: int = 0
+    shards: list[str] = field(default_factory=list)
+    up_to_date: bool = False
+
+    def reasons(self) -> dict[str, int]:
+        return dict(Counter(reason.split(":")[0] for _, reason in self.skipped))
+
+
+def _validate(args: tuple[RawSample, int, int]) -> tuple[str, Sample | None, str, bool]:
+    """(source, sample, "", converted) or (source, None, reason, False). Runs in pool workers."""
+    raw, index, max_pixels = args
+    if raw.skip_reason:
+        return raw.source, None, raw.skip_reason, False
+    if raw.caption is None:
+        return raw.source, None, "missing_caption", False
+    caption_bytes = (raw.caption.encode("utf-8", "surrogateescape")
+                     if isinstance(raw.caption, str) else raw.caption)
+    issue, caption = check_caption(caption_bytes)
+    if issue != Issue.OK:
+        return raw.source, None, issue.metric_name, False
+    data = raw.image
+    if data is None:
+        try:
+            with open(raw.image_path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            return raw.source, None, f"unreadable_image: {err.strerror}", False
+    jpeg, reason = inspect_image(data, max_pixels)
+    if jpeg is None:
+        return raw.source, None, reason, False
+    meta = dict(raw.meta or {}, source=raw.source)
+    sample = Sample(key=f"{index:09d}", jpeg=jpeg, caption=caption, meta=meta)
+    return raw.source, sample, "", jpeg is not data
+
+
+def write_samples(samples: Iterable[RawSample], out_dir: str, samples_per_shard: int,
+                  max_image_pixels: int = 40_000_000, workers: int = 1) -> PrepareReport:
+    """Validate `samples` (decoding each image once) and write the good ones as shards into
+    `out_dir`. Keys are the input positions, so skipping one sample renames no other."""
+    report = PrepareReport()
+    jobs = ((raw, i, max_image_pixels) for i, raw in enumerate(samples))
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = _ordered_map(pool, jobs) if pool else map(_validate, jobs)
+        with ShardWriter(out_dir, samples_per_shard) as writer:
+            for source, sample, reason, converted in results:
+                if sample is None:
+                    report.skipped.append((source, reason))
+                    continue
+                writer.write(sample)
+                report.converted += int(converted)
+        report.written = writer.written
+        report.shards = writer.shard_paths
+    finally:
+        if pool:
+            pool.terminate()
+    return report
+
+
+def _ordered_map(pool, jobs: Iterator, window: int = 4096) -> Iterator:
+    """pool.imap over bounded windows: imap alone would pull the whole (possibly huge) input
+    into its task queue. Order is kept, so shards are identical for any worker count."""
+    while True:
+        chunk = list(itertools.islice(jobs, window))
+        if not chunk:
+            return
+        yield from pool.imap(_validate, chunk, chunksize=16)
+
+
+def iter_inputs(path: str, image_column: str | None = None,
+                caption_column: str | None = None) -> Iterator[RawSample]:
+    """Samples of a folder (images + same-named .txt, optional .json) or a table file."""
+    if os.path.isdir(path):
+        yield from _iter_folder(path)
+    elif os.path.isfile(path):
+        yield from _iter_table(path, image_column, caption_column)
+    else:
+        raise FileNotFoundError(f"input {path} does not exist: give a folder or a table file")
+
+
+def _iter_folder(root: str, read: bool = True) -> Iterator[RawSample]:
+    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                   if os.path.splitext(p)[1].lower() in IMAGE_EXTS and os.path.isfile(p))
+    for image_path in files:
+        if not read:
+            yield RawSample(source=image_path, image_path=image_path)
+            continue
+        stem = os.path.splitext(image_path)[0]
+        caption = _read_optional(stem + ".txt")
+        meta_bytes = _read_optional(stem + ".json")
+        meta = None
+        if meta_bytes:
+            try:
+                meta = json.loads(meta_bytes)
+            except ValueError:
+                meta = None
+        yield RawSample(source=os.path.relpath(image_path, root), image_path=image_path,
+                        caption=caption, meta=meta if isinstance(meta, dict) else None)
+
+
+def _read_optional(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _iter_table(path: str, image_column: str | None,
+                caption_column: str | None) -> Iterator[RawSample]:
+    rows = _read_table(path)
+    base = os.path.dirname(os.path.abspath(path))
+    first = next(rows, None)
+    if first is None:
+        return
+    image_key = _pick_column(path, first, image_column, IMAGE_COLUMNS, "--image-column")
+    caption_key = _pick_column(path, first, caption_column, CAPTION_COLUMNS, "--caption-column")
+    for row_number, row in enumerate(_chain(first, rows), start=1):
+        ref = str(row.get(image_key) or "").strip()
+        source = f"row {row_number}: {ref}"
+        caption = row.get(caption_key)
+        caption = None if caption is None else str(caption)
+        if "://" in ref:
+            yield RawSample(source=source, skip_reason="url_not_supported")
+            continue
+        if not ref:
+            yield RawSample(source=source, skip_reason="missing_image")
+            continue
+        image_path = ref if os.path.isabs(ref) else os.path.join(base, ref)
+        if not os.path.isfile(image_path):
+            yield RawSample(source=source, skip_reason="missing_image")
+            continue
+        yield RawSample(source=source, image_path=image_path, caption=caption)
+
+
+def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
+    yield first
+    yield from rest
+
+
+def _read_table(path: str) -> Iterator[dict]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv"):
+        # surrogateescape keeps undecodable bytes so the row, not the file, is rejected.
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+    elif ext in (".jsonl", ".json"):
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+    elif ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise RuntimeError("reading parquet needs pyarrow: "
+                               "pip install pyarrow==26.0.1") from err
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            yield from batch.to_pylist()
+    else:
+        raise ValueError(f"input table {path} has unknown type {ext!r}: use .csv, .tsv, .jsonl "
+                         "or .parquet, or a folder of images with .txt captions")
+
+
+def _pick_column(path: str, row: dict, wanted: str | None, candidates: tuple[str, ...],
+                 flag: str) -> str:
+    if wanted is not None:
+        if wanted not in row:
+            raise ValueError(f"table {path} has no column {wanted!r} (columns: {sorted(row)})")
+        return wanted
+    for name in candidates:
+        if name in row:
+            return name
+    raise ValueError(f"table {path}: none of the columns {sorted(row)} is one of {candidates}; "
+                     f"name the column with {flag}")
+
+
+def input_fingerprint(path: str, samples_per_shard: int, max_image_pixels: int) -> str:
+    """Digest of everything the output depends on: the input files' names, sizes and mtimes and
+    the settings. Equal digests mean a re-run would write identical shards."""
+    digest = hashlib.sha256(f"{_FORMAT_VERSION} {samples_per_shard} {max_image_pixels}".encode())
+    if os.path.isdir(path):  # images and their sidecars only: an output dir inside is ignored
+        files = []
+        for sample in _iter_folder(path, read=False):
+            stem = os.path.splitext(sample.image_path)[0]
+            files += [sample.image_path, stem + ".txt", stem + ".json"]
+    else:
+        files = [path] + sorted({s.image_path for s in _iter_table_lenient(path) if s.image_path})
+    for name in files:
+        if os.path.isfile(name):
+            st = os.stat(name)
+            digest.update(f"{os.path.relpath(name, path)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _iter_table_lenient(path: str) -> Iterator[RawSample]:
+    try:
+        yield from _iter_table(path, None, None)
+    except ValueError:
+        return
+
+
+def prepare_shards(input_path: str, out_dir: str, samples_per_shard: int = 1000,
+                   max_image_pixels: int = 40_000_000, workers: int = 1,
+                   image_column: str | None = None,
+                   caption_column: str | None = None) -> PrepareReport:
+    """Folder/table -> shards in out_dir, with skipped.tsv and manifest.json. Idempotent."""
+    fingerprint = input_fingerprint(input_path, samples_per_shard, max_image_pixels)
+    previous = read_manifest(out_dir)
+    if previous and previous.get("fingerprint") == fingerprint and all(
+            os.path.isfile(os.path.join(out_dir, s)) for s in previous["shards"]):
+        return PrepareReport(written=previous["written"], up_to_date=True,
+                             converted=previous.get("converted", 0),
+                             skipped=[tuple(x) for x in previous["skipped"]],
+                             shards=[os.path.join(out_dir, s) for s in previous["shards"]])
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
+        report = write_samples(iter_inputs(input_path, image_column, caption_column), tmp,
+                               samples_per_shard, max_image_pixels, workers)
+        _remove_manifest(out_dir)  # from here on the directory is "incomplete" until it returns
+        for stale in glob.glob(os.path.join(out_dir, "shard-*")):
+            os.remove(stale)
+        for name in sorted(os.listdir(tmp)):
+            shutil.move(os.path.join(tmp, name), os.path.join(out_dir, name))
+    report.shards = [os.path.join(out_dir, os.path.basename(s)) for s in report.shards]
+    write_report(out_dir, report, fingerprint)
+    return report
+
+
+def write_report(out_dir: str, report: PrepareReport, fingerprint: str) -> None:
+    """skipped.tsv (source, reason) and manifest.json, the latter last: it marks completion."""
+    with open(os.path.join(out_dir, SKIP_REPORT), "w", encoding="utf-8",
+              errors="backslashreplace") as f:
+        f.write("source\treason\n")
+        for source, reason in report.skipped:
+            f.write(f"{source}\t{reason}\n")
+    manifest = {"fingerprint": fingerprint, "written": report.written,
+                "converted": report.converted, "skipped_by_reason": report.reasons(),
+                "skipped": report.skipped,
+                "shards": [os.path.basename(s) for s in report.shards]}
+    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _remove_manifest(out_dir: str) -> None:
+    try:
+        os.remove(os.path.join(out_dir, MANIFEST))
+    except FileNotFoundError:
+        pass
+
+
+__all__ = ["RawSample", "PrepareReport", "write_samples", "iter_inputs", "prepare_shards",
+           "input_fingerprint", "read_manifest", "write_report", "MANIFEST", "SKIP_REPORT"]

@@ -1,0 +1,144 @@
+"""What makes a sample bad, checked two ways.
+
+`check_encoded_jpeg` / `check_caption` are header-level checks cheap enough to run on every
+sample inside the DALI pipeline (a few dozen byte reads, no decode): they catch the failures
+that would otherwise abort a DALI decode and with it the whole batch. `inspect_image` fully
+decodes with PIL and is what tools/prepare_shards.py runs once per image when shards are made.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class Issue(enum.IntEnum):
+    """Why a sample was skipped or replaced. Values travel through DALI as int32."""
+
+    OK = 0
+    EMPTY_IMAGE = 1        # zero-byte image entry, or no image entry for the key
+    NOT_JPEG = 2           # e.g. a PNG named .jpg: the shard contract is JPEG
+    TRUNCATED_JPEG = 3     # no end-of-image marker after the last scan
+    CORRUPT_JPEG = 4       # marker structure broken before the frame header
+    OVERSIZED_IMAGE = 5    # header declares more than max_image_pixels
+    EMPTY_CAPTION = 6      # missing .txt entry, or only whitespace
+    CAPTION_NOT_UTF8 = 7
+    DECODE_ERROR = 8       # passed the header checks but the decoder failed on it
+
+    @property
+    def metric_name(self) -> str:
+        return self.name.lower()
+
+
+# SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+
+def check_encoded_jpeg(data: np.ndarray | bytes, max_pixels: int) -> Issue:
+    """Header-level validity of an encoded JPEG (uint8 array or bytes), without decoding."""
+    buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+    n = len(buf)
+    if n == 0:
+        return Issue.EMPTY_IMAGE
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8 or buf[2] != 0xFF:
+        return Issue.NOT_JPEG
+    pos = 2
+    while True:  # walk marker segments up to the frame header (SOF)
+        if pos + 4 > n:
+            return Issue.TRUNCATED_JPEG
+        if buf[pos] != 0xFF:
+            return Issue.CORRUPT_JPEG
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return Issue.CORRUPT_JPEG
+        seg_len = (buf[pos + 2] << 8) | buf[pos + 3]
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n:
+                return Issue.TRUNCATED_JPEG
+            height = (buf[pos + 5] << 8) | buf[pos + 6]
+            width = (buf[pos + 7] << 8) | buf[pos + 8]
+            if height == 0 or width == 0:
+                return Issue.CORRUPT_JPEG
+            if height * width > max_pixels:
+                return Issue.OVERSIZED_IMAGE
+            break
+        if seg_len < 2:
+            return Issue.CORRUPT_JPEG
+        pos += 2 + seg_len
+    return Issue.OK if _has_end_after_last_scan(buf) else Issue.TRUNCATED_JPEG
+
+
+def _has_end_after_last_scan(buf: memoryview) -> bool:
+    """True when an EOI marker follows the last SOS. Inside entropy-coded data 0xFF is always
+    stuffed (FF 00) or a RST marker, so FF D9 / FF DA there are real markers; a file cut
+    anywhere after its header loses the EOI that must follow its last scan."""
+    if buf[-2] == 0xFF and buf[-1] == 0xD9:  # the common case: nothing after EOI
+        return True
+    raw = buf.tobytes()  # rare path (trailing bytes after EOI, or truncation): one copy
+    return raw.rfind(b"\xff\xd9") > raw.rfind(b"\xff\xda") >= 0
+
+
+def check_caption(data: np.ndarray | bytes) -> tuple[Issue, str]:
+    """(issue, text) for an encoded caption: UTF-8 with at least one non-space character."""
+    raw = bytes(data)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Issue.CAPTION_NOT_UTF8, ""
+    text = " ".join(text.split())  # newlines/tabs inside a caption become single spaces
+    if not text:
+        return Issue.EMPTY_CAPTION, ""
+    return Issue.OK, text
+
+
+def inspect_image(data: bytes, max_pixels: int, jpeg_quality: int = 95) -> tuple[bytes | None, str]:
+    """Decode once with PIL. Returns (jpeg_bytes, "") for a usable image, where a JPEG that
+    passes `check_encoded_jpeg` is kept byte for byte and anything else (PNG, WebP, CMYK JPEG,
+    JPEG with junk after EOI) is re-encoded; or (None, reason) for one to skip."""
+    if not data:
+        return None, "empty_file"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            return None, "not_an_image"
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            return None, "oversized"
+        except OSError as err:
+            return None, _os_error_reason(err)
+        if image.width * image.height > max_pixels:
+            return None, "oversized"
+        try:
+            image.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            return None, "oversized"
+        except OSError as err:
+            return None, _os_error_reason(err)
+        except (ValueError, SyntaxError) as err:  # PIL plugins raise these on broken headers
+            return None, f"corrupt: {err}"
+    keep_bytes = image.format == "JPEG" and image.mode in ("RGB", "L")
+    if keep_bytes and check_encoded_jpeg(data, max_pixels) == Issue.OK:
+        return data, ""
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality)
+    return out.getvalue(), ""
+
+
+def _os_error_reason(err: OSError) -> str:
+    # PIL reports a cut file as "image file is truncated" or "Truncated File Read".
+    return "truncated" if "truncated" in str(err).lower() else f"corrupt: {err}"
+
+
+__all__ = ["Issue", "check_encoded_jpeg", "check_caption", "inspect_image"]

@@ -1,0 +1,92 @@
+"""The Python stage between DALI's webdataset reader and its image decoder.
+
+DALI aborts a whole batch (and an iterator with it) when one image fails to decode, and it
+has no per-sample skip. So before decoding, `SampleFilter` runs once per batch
+(`fn.python_function(batch_processing=True)`) and:
+  * checks each encoded image and caption at header level (sample_checks), swapping a bad
+    image for a tiny valid placeholder JPEG so the decoder never sees it;
+  * reports an `Issue` code per sample, which the loader uses to replace the row and count it;
+  * tokenizes the captions into fixed-length rows, so tokens leave DALI as a dense tensor.
+Its output depends only on its input (and the blocklist), so DALI checkpoints stay exact.
+
+Images that pass the header checks but still break the decoder (e.g. corrupt entropy data)
+are handled by the loader's recovery: it replays the stream from the last checkpoint with
+`capture_batches` set (DALI reports a failure of any in-flight batch, so the culprit can be
+up to `prefetch` batches ahead), finds the culprit by decoding the captured images one by
+one, and adds its fingerprint to `blocklist`; from then on this stage replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+from ov2_megatron.data.sample_checks import Issue, check_caption, check_encoded_jpeg
+from ov2_megatron.data.tokenizer import CaptionTokenizer
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="JPEG", quality=90)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def fingerprint(data: np.ndarray | bytes) -> str:
+    """Content hash of an encoded image, used to blocklist decoder failures."""
+    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+
+
+class SampleFilter:
+    """Callable for fn.python_function: (jpegs, captions) -> (jpegs, tokens, issues, captions)."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, caption_length: int, max_image_pixels: int):
+        self.tokenizer = tokenizer
+        self.caption_length = caption_length
+        self.max_image_pixels = max_image_pixels
+        self.placeholder = _placeholder_jpeg()
+        self.blocklist: dict[int, set[str]] = {}  # encoded length -> fingerprints
+        self.capture_batches = 0  # > 0: keep copies of the next N batches' encoded images
+        self.captured: list[bytes] = []
+
+    def block(self, data: bytes) -> None:
+        self.blocklist.setdefault(len(data), set()).add(fingerprint(data))
+
+    def blocked(self) -> list[tuple[int, str]]:
+        return sorted((n, h) for n, hashes in self.blocklist.items() for h in hashes)
+
+    def restore_blocklist(self, entries: list[tuple[int, str]]) -> None:
+        self.blocklist = {}
+        for length, digest in entries:
+            self.blocklist.setdefault(int(length), set()).add(digest)
+
+    def _is_blocked(self, data: np.ndarray) -> bool:
+        # Hash only when the length matches a blocked image: the common path costs a dict lookup.
+        hashes = self.blocklist.get(len(data))
+        return bool(hashes) and fingerprint(data) in hashes
+
+    def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray]):
+        out_jpegs, issues, texts, raw_captions = [], [], [], []
+        for jpeg, caption in zip(jpegs, captions, strict=True):
+            issue = check_encoded_jpeg(jpeg, self.max_image_pixels)
+            if issue == Issue.OK and self.blocklist and self._is_blocked(jpeg):
+                issue = Issue.DECODE_ERROR
+            caption_issue, text = check_caption(caption)
+            if issue == Issue.OK:
+                issue = caption_issue
+            # The decoder must see valid data even for a rejected row; the loader drops it later.
+            out_jpegs.append(jpeg if issue == Issue.OK else self.placeholder)
+            issues.append(np.array(int(issue), dtype=np.int32))
+            texts.append(text)
+            raw_captions.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+        if self.capture_batches > 0:
+            self.captured += [bytes(j) for j, i in zip(jpegs, issues, strict=True)
+                              if int(i) == Issue.OK]
+            self.capture_batches -= 1
+        tokens = self.tokenizer.encode_batch(texts, self.caption_length)  # [B, L] int32
+        return out_jpegs, list(tokens), issues, raw_captions
+
+
+__all__ = ["SampleFilter", "fingerprint"]

@@ -1,0 +1,169 @@
+"""Webdataset shards: the writer (tar + DALI index, atomic) and a plain reader.
+
+A shard `shard-000042.tar` holds samples as consecutive entries `KEY.jpg`, `KEY.txt` and
+optionally `KEY.json`; `shard-000042.idx` beside it is DALI's index (format v1.2, what the
+`wds2idx` tool of the DALI wheel writes):
+    v1.2 <num_samples>
+    <ext> <data_offset> <size> <name> [<ext> <data_offset> <size> <name> ...]   one line a sample
+We write the index ourselves from the offsets tarfile reports, so no second pass over the tar.
+Both files are written under temporary names and renamed into place (index last), so a crash
+never leaves a shard that parses but is cut short.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ov2_megatron.data.config import index_path_for
+
+INDEX_VERSION = "v1.2"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+@dataclass
+class Sample:
+    """One image-caption pair as stored in a shard."""
+
+    key: str
+    """Unique name within the dataset; no dots (webdataset splits the extension at the first)."""
+    jpeg: bytes
+    caption: str
+    meta: dict | None = None
+    """Optional JSON sidecar (source path, synthetic attributes...)."""
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples into numbered shards of `samples_per_shard` under `out_dir`."""
+
+    out_dir: str
+    samples_per_shard: int = 1000
+    written: int = 0
+    shard_paths: list[str] = field(default_factory=list)
+    _tar: tarfile.TarFile | None = None
+    _index_lines: list[str] = field(default_factory=list)
+    _in_shard: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard {self.samples_per_shard} must be >= 1")
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def write(self, sample: Sample) -> None:
+        if "." in sample.key or "/" in sample.key or not sample.key:
+            raise ValueError(f"sample key {sample.key!r} must be non-empty without '.' or '/'")
+        if self._tar is None:
+            self._open_next()
+        entries = [("jpg", sample.jpeg), ("txt", sample.caption.encode("utf-8"))]
+        if sample.meta is not None:
+            entries.append(("json", json.dumps(sample.meta, sort_keys=True).encode("utf-8")))
+        components = []
+        for ext, payload in entries:
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size = len(payload)
+            info.mode = 0o644
+            info.mtime = 0  # fixed metadata: the same samples give byte-identical shards
+            self._tar.addfile(info, io.BytesIO(payload))
+            # addfile copies the TarInfo, so derive the data offset from the stream position:
+            # payload blocks end exactly at tar.offset.
+            data_offset = self._tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            components.append(f"{ext} {data_offset} {info.size} {info.name}")
+        self._index_lines.append(" ".join(components))
+        self._in_shard += 1
+        self.written += 1
+        if self._in_shard >= self.samples_per_shard:
+            self._close_current()
+
+    def close(self) -> list[str]:
+        """Finish the last shard; returns all shard paths written."""
+        if self._tar is not None:
+            self._close_current()
+        return self.shard_paths
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # failed: drop the partial shard, keep finished ones
+            self._tar.close()
+            os.remove(self._tar.name)
+            self._tar = None
+
+    def _open_next(self) -> None:
+        path = os.path.join(self.out_dir, SHARD_PATTERN.format(len(self.shard_paths)))
+        self._tar = tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT)
+        self._index_lines = []
+        self._in_shard = 0
+
+    def _close_current(self) -> None:
+        tmp_tar = self._tar.name
+        self._tar.close()
+        self._tar = None
+        final_tar = tmp_tar[: -len(".tmp")]
+        index = index_path_for(final_tar)
+        with open(index + ".tmp", "w") as f:
+            f.write(f"{INDEX_VERSION} {len(self._index_lines)}\n")
+            f.write("\n".join(self._index_lines) + "\n")
+        os.replace(tmp_tar, final_tar)
+        os.replace(index + ".tmp", index)
+        self.shard_paths.append(final_tar)
+
+
+def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
+    """Samples of one shard in stored order, read with tarfile (no DALI). Captions are decoded
+    leniently here: this serves tokenizer training, the baseline loader and tests."""
+    with tarfile.open(path, "r:") as tar:
+        current: dict[str, bytes] = {}
+        key = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            dot = base.find(".")
+            if dot <= 0:
+                continue
+            mkey, ext = member.name[: len(member.name) - len(base) + dot], base[dot + 1:]
+            if key is not None and mkey != key:
+                yield _to_sample(key, current)
+                current = {}
+            key = mkey
+            if ext == "jpg" and not with_images:
+                current[ext] = b""
+            else:
+                current[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield _to_sample(key, current)
+
+
+def _to_sample(key: str, parts: dict[str, bytes]) -> Sample:
+    meta = json.loads(parts["json"]) if "json" in parts else None
+    caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+    return Sample(key=key, jpeg=parts.get("jpg", b""), caption=caption, meta=meta)
+
+
+def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI v1.2 index into [sample][component] = (ext, offset, size, name)."""
+    with open(index_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise ValueError(f"index {index_path} has header {header}, "
+                             f"expected '{INDEX_VERSION} N'")
+        samples = []
+        for line in f:
+            fields = line.split()
+            samples.append([(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                            for i in range(0, len(fields), 4)])
+    if len(samples) != int(header[1]):
+        raise ValueError(f"index {index_path} lists {len(samples)} samples, "
+                         f"header says {header[1]}")
+    return samples
+
+
+__all__ = ["Sample", "ShardWriter", "iter_shard", "read_index", "SHARD_PATTERN", "INDEX_VERSION"]

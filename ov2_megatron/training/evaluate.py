@@ -1,0 +1,135 @@
+"""Evaluation: validation caption loss and token accuracy, greedy captions next to the true
+ones, and a linear probe on frozen encoder features (synthetic data: the first object's shape
+and colour, read off its caption). Every rank runs the same code (TP/PP collectives need
+all ranks); only global rank 0 prints and logs."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
+from ov2_megatron.data.tokenizer import CaptionTokenizer
+from ov2_megatron.models.generation import greedy_captions
+from ov2_megatron.models.token_drop import keep_indices
+from ov2_megatron.training import checkpoint
+from ov2_megatron.training.step import MicroBatch, run_schedule
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _eval_batches(run, shards: str, limit: int):
+    dp_rank, dp_size = checkpoint.data_parallel_info()
+    loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
+                                batch_size=run.train.micro_batch, training=False, shards=shards)
+    return list(itertools.islice(iter(loader), limit))
+
+
+def validation(run, model, geom, logger, step: int) -> dict:
+    for chunk in model:
+        chunk.eval()
+    items = _eval_batches(run, run.data.val_shards, run.train.eval_batches)
+    device, totals = _device(), torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for n, item in enumerate(items):
+            size = item["images"].shape[0]
+            index = torch.arange(size) + n * size
+            keep = keep_indices(index, geom.num_patches, geom.num_kept, run.train.seed)
+            batch = MicroBatch(item["images"].to(device), item["tokens"].to(device),
+                               keep.to(device))
+            totals += run_schedule(model, [batch], geom, size, forward_only=True)
+    result = dict(val_loss=float(totals[0] / max(totals[1], 1)),
+                  val_token_accuracy=float(totals[2] / max(totals[1], 1)))
+    logger.log(step, result)
+    if run.train.num_generate and items and run.parallel.pipeline == 1:
+        _show_captions(run, model, geom, items[0], logger, step)
+    for chunk in model:
+        chunk.train()
+    return result
+
+
+def _show_captions(run, model, geom, item, logger, step: int) -> None:
+    tokenizer = CaptionTokenizer.from_file(run.data.tokenizer_model)
+    count = min(run.train.num_generate, item["images"].shape[0])
+    images = item["images"][:count].to(_device())
+    keep = keep_indices(torch.arange(count), geom.num_patches, geom.num_kept, run.train.seed)
+    ids = greedy_captions(checkpoint._unwrap(model[0]), images, keep.to(images.device),
+                          tokenizer.bos_id, tokenizer.eos_id, run.model.decoder.caption_length)
+    lines = []
+    for true, row in zip(item["captions"][:count], ids.tolist()):
+        lines.append(f"  true:      {true}\n  generated: {tokenizer.decode(row)}")
+    if dist.get_rank() == 0:
+        print("captions (validation images):\n" + "\n".join(lines), flush=True)
+    logger.text("captions", "\n\n".join(lines), step)
+
+
+def final(run, model, geom, logger, step: int, loader) -> dict:
+    summary = validation(run, model, geom, logger, step)
+    summary["bad_samples"] = dict(loader.stats())
+    if run.train.linear_probe and run.synthetic and run.parallel.pipeline == 1:
+        probe = linear_probe(run, model)
+        logger.log(step, probe)
+        summary.update(probe)
+        if dist.get_rank() == 0:
+            print("linear probe on frozen features: " + ", ".join(
+                f"{k} {v:.1%}" for k, v in probe.items()), flush=True)
+    return summary
+
+
+def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> dict:
+    """Logistic regression on pooled encoder features -> first object's shape and colour."""
+    from ov2_megatron.data.synthetic import COLORS, SHAPES
+
+    encoder = checkpoint._unwrap(model[0])
+    encoder.eval()
+
+    def features(shards, limit):
+        feats, captions = [], []
+        with torch.no_grad():
+            for item in _eval_batches(run, shards, limit):
+                _, pooled = encoder.encode(item["images"].to(_device()))
+                feats.append(pooled.float().cpu())
+                captions += item["captions"]
+        return torch.cat(feats), captions
+
+    train_x, train_caps = features(run.data.train_shards, train_batches)
+    val_x, val_caps = features(run.data.val_shards, val_batches)
+    encoder.train()
+    result = {}
+    for attribute, words in (("shape", SHAPES), ("colour", tuple(COLORS))):
+        train_y = torch.tensor([_first_word(c, words) for c in train_caps])
+        val_y = torch.tensor([_first_word(c, words) for c in val_caps])
+        accuracy = _fit_and_score(train_x, train_y, val_x, val_y, len(words))
+        chance = float(torch.bincount(val_y, minlength=len(words)).max()) / len(val_y)
+        result[f"probe_{attribute}_accuracy"] = accuracy
+        result[f"probe_{attribute}_chance"] = chance
+    return result
+
+
+def _first_word(caption: str, words: tuple[str, ...]) -> int:
+    """Index of the first of `words` in the caption (its first object's attribute)."""
+    positions = [(caption.find(f" {w}"), i) for i, w in enumerate(words) if f" {w}" in caption]
+    return min(positions)[1] if positions else 0
+
+
+def _fit_and_score(train_x, train_y, val_x, val_y, classes: int) -> float:
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    linear = torch.nn.Linear(train_x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y)
+        loss = loss + 1e-3 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float((linear(val_x).argmax(1) == val_y).float().mean())

@@ -1,0 +1,232 @@
+"""The training loop: set-up in a fixed, commented order, then steps, checkpoints, evaluation.
+
+Order of set-up (each step needs the previous one):
+ 1. validate the whole run config (before any process group or allocation);
+ 2. process groups (NCCL, or gloo + the CPU backend) and RNG seeds;
+ 3. the synthetic dataset on first use, then the shard list (missing shards fail here);
+ 4. this rank's model chunks -> GPU -> megatron DDP (grad buffers) -> distributed optimizer;
+ 5. state: resume from the run's latest checkpoint, else stage-2 init from stage 1;
+ 6. the data loader, positioned where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from ov2_megatron.config import SequenceGeometry
+from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
+from ov2_megatron.models import specs
+from ov2_megatron.models.flops import device_peak_flops, train_flops_per_sample
+from ov2_megatron.models.openvision2 import build_chunks
+from ov2_megatron.parallel.initialize import ParallelLayout, initialize
+from ov2_megatron.training import checkpoint, evaluate, stage_transfer
+from ov2_megatron.training.metrics import MetricsLogger
+from ov2_megatron.training.optimizer import build_optimizer
+from ov2_megatron.training.run_config import RunConfig, effective_warmup, validate_run
+from ov2_megatron.training.step import BatchStream, run_schedule
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (Slurm preemption or time limit) -> checkpoint at the next step end."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (a signal may reach only some)."""
+        flag = torch.tensor([1.0 if self.signal else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def setup(run: RunConfig):
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    geom = validate_run(run, world, capability)  # 1
+    p = run.parallel
+    initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=run.train.seed)  # 2
+    prepare_data(run)  # 3
+    impl = specs.resolve_impl(run.model.transformer_impl)
+    return (geom, impl, *build_model_and_optimizer(run, geom, impl))  # 4
+
+
+def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str = "local"):
+    """Chunks -> GPU -> megatron DDP -> distributed optimizer + schedule, with the schedule
+    hooks megatron's pipeline functions call (grad finalisation, loss scaling, no_sync)."""
+    p = run.parallel
+    dtype = torch.bfloat16 if run.train.precision == "bf16" else torch.float32
+    chunks = build_chunks(run.model, p, geom, impl, dtype, init_seed=run.train.seed)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+        overlap_grad_reduce=torch.cuda.is_available())
+    model = []
+    for chunk in chunks:
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        _set_recompute(chunk, run.train.recompute)
+        model.append(DistributedDataParallel(chunk.config, ddp_config, chunk))
+    optimizer, scheduler = build_optimizer(model, run.train)
+    for chunk in model:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.grad_scale_func = optimizer.scale_loss
+        chunk.config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
+    return model, optimizer, scheduler
+
+
+def prepare_data(run: RunConfig) -> None:
+    if run.synthetic:
+        from ov2_megatron.data.synthetic import ensure_synthetic_dataset
+
+        cache = os.environ.get("OV2_CACHE", os.path.expanduser("~/.cache/ov2_megatron"))
+        if dist.get_rank() == 0:
+            ensure_synthetic_dataset(cache, **run.synthetic)
+        dist.barrier()
+        data = ensure_synthetic_dataset(cache, **run.synthetic)  # a no-op lookup now
+        run.data.train_shards = run.data.train_shards or data.train_dir
+        run.data.val_shards = run.data.val_shards or data.val_dir
+        run.data.tokenizer_model = run.data.tokenizer_model or data.tokenizer_model
+    run.data.validate()
+    run.data.resolve_shards()  # a missing or unreadable shard is an error before compute
+
+
+def _set_recompute(chunk, recompute: str) -> None:
+    for block in (chunk.vision_layers, chunk.decoder_layers):
+        if block is None or recompute == "none":
+            continue
+        block.config.recompute_granularity = recompute
+        if recompute == "full":
+            block.config.recompute_method, block.config.recompute_num_layers = "uniform", 1
+
+
+def train(run: RunConfig) -> dict:
+    """Run (or resume) the stage described by `run`; returns the final summary."""
+    geom, impl, model, optimizer, scheduler = setup(run)
+    t, p = run.train, run.parallel
+    rank0 = dist.get_rank() == 0
+    run_dir, root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(run.to_json())
+    checkpoint.clean_partial(root)
+    start_step, data_state = _restore(run, model, optimizer, scheduler, geom)  # 5
+    dp_rank, dp_size = checkpoint.data_parallel_info()
+    micro_batches = t.global_batch // (t.micro_batch * dp_size)
+    loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
+                                batch_size=t.micro_batch, resume_state=data_state)  # 6
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank, device)
+    logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
+    stop = StopRequested()
+    flops = train_flops_per_sample(run.model, geom, t.recompute)
+    device_name, peak = device_peak_flops()
+    meta = dict(name=run.name, stage=run.stage,
+                layout=checkpoint.layout_signature(p, dist.get_world_size()))
+    skipped = nonfinite_in_row = 0
+    step = start_step
+    if rank0:
+        print(f"{run.name} stage {run.stage}: {impl} layers, layout TP{p.tensor} PP{p.pipeline}"
+              f" DP{dp_size}, {micro_batches} micro-batches/step, steps {start_step}->{t.steps}, "
+              f"device {device_name}, warmup {effective_warmup(t)} steps", flush=True)
+    while step < t.steps:
+        batches, data_wait = stream.step_batches(step)
+        started = time.perf_counter()
+        loss, grad_norm, totals = train_step(model, optimizer, scheduler, batches, geom,
+                                             t.micro_batch)
+        if grad_norm is None:
+            skipped, nonfinite_in_row = skipped + 1, nonfinite_in_row + 1
+        else:
+            nonfinite_in_row = 0
+        step += 1
+        elapsed = time.perf_counter() - started + data_wait
+        if nonfinite_in_row >= t.max_nonfinite:
+            checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
+            raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row at step {step}: "
+                               "stopped; the checkpoint holds the last good weights (lower "
+                               "train.lr, check the data, or raise train.max_nonfinite)")
+        if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
+            tflops = flops * t.global_batch / elapsed / dist.get_world_size() / 1e12
+            logger.log(step, dict(
+                loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+                token_accuracy=float(totals[2] / max(totals[1], 1)),
+                images_per_s=t.global_batch / elapsed, tokens_per_s=float(totals[1]) / elapsed,
+                tflops_per_device=tflops, mfu=(tflops * 1e12 / peak) if peak else None,
+                data_wait_s=data_wait, memory_gb=_memory_gb(), skipped=skipped,
+                bad_samples=sum(loader.stats().values())))
+        preempted = stop.agreed()
+        if step % t.save_interval == 0 or step == t.steps or preempted:
+            checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
+            checkpoint.prune(root, t.keep_last)
+        if preempted:
+            if rank0:
+                print(f"stop signal {stop.signal or 'on another rank'}: checkpoint saved at step "
+                      f"{step}; rerun the same command to resume", flush=True)
+            logger.close()
+            return dict(step=step, preempted=True)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            evaluate.validation(run, model, geom, logger, step)
+    summary = evaluate.final(run, model, geom, logger, step, loader)
+    logger.close()
+    return dict(step=step, preempted=False, **summary)
+
+
+def train_step(model, optimizer, scheduler, batches, geom, micro_batch: int):
+    """One optimizer step over `batches`; a non-finite loss skips the update (grad_norm None).
+    Returns (global mean caption loss, grad norm, [loss_sum, tokens, correct])."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    totals = run_schedule(model, batches, geom, micro_batch, forward_only=False)
+    loss = float(totals[0] / max(totals[1], 1))
+    grad_norm = None
+    if math.isfinite(loss):
+        _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return loss, grad_norm, totals
+
+
+def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
+    step_dir = checkpoint.resolve(run.train.output_dir)
+    if step_dir is None:
+        if run.train.init_from:
+            stage_transfer.load_stage_weights(run.train.init_from, model, run)
+        return 0, None
+    meta = checkpoint.read_meta(step_dir)
+    checkpoint.load_weights(step_dir, model)
+    same_layout = meta["layout"] == checkpoint.layout_signature(run.parallel, dist.get_world_size())
+    data_state = None
+    if same_layout:
+        data_state = checkpoint.load_rank_state(step_dir, optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+    elif dist.get_rank() == 0:
+        print(f"resuming {step_dir} under a new layout ({meta['layout']} -> "
+              f"{checkpoint.layout_signature(run.parallel, dist.get_world_size())}): weights "
+              "loaded; optimizer moments, LR schedule position and data position restart",
+              flush=True)
+    if not same_layout:
+        scheduler.step(increment=meta["step"])  # keep the LR schedule on time
+    return meta["step"], data_state
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30

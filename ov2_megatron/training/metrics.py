@@ -1,0 +1,79 @@
+"""One metrics line per logging step, metrics.jsonl, TensorBoard, and a progress bar with
+ETA on interactive terminals. Only the logging rank (global rank 0) writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.interactive = enabled and sys.stdout.isatty()
+        self._start, self._start_step = time.monotonic(), None
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(run_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+            self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self._start_step is None:
+            self._start_step, self._start = step - 1, time.monotonic()
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+        self._print(step, record)
+
+    def _print(self, step: int, record: dict) -> None:
+        fields = [f"step {step}/{self.total_steps}"]
+        for key, fmt in (("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
+                         ("images_per_s", ".1f"), ("tokens_per_s", ".0f"),
+                         ("tflops_per_device", ".2f"), ("mfu", ".1%"), ("data_wait_s", ".3f"),
+                         ("memory_gb", ".2f"), ("skipped", "d"), ("val_loss", ".4f"),
+                         ("val_token_accuracy", ".1%"), ("probe_shape_accuracy", ".1%"),
+                         ("probe_colour_accuracy", ".1%")):
+            value = record.get(key)
+            if value is not None:
+                fields.append(f"{key} {format(value, fmt)}")
+        line = " | ".join(fields)
+        if self.interactive:
+            line = f"{self._bar(step)} {line} | ETA {self._eta(step)}"
+        print(line, flush=True)
+
+    def _bar(self, step: int, width: int = 20) -> str:
+        done = int(width * step / max(self.total_steps, 1))
+        return "[" + "#" * done + "." * (width - done) + "]"
+
+    def _eta(self, step: int) -> str:
+        elapsed = time.monotonic() - self._start
+        per_step = elapsed / max(step - self._start_step, 1)
+        seconds = int(per_step * (self.total_steps - step))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self._writer.add_text(tag, text, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._writer.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value

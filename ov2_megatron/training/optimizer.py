@@ -1,0 +1,44 @@
+"""AdamW through megatron's (distributed) optimizer, and the warmup + cosine schedule.
+
+Weight decay skips norms and biases (1-D), the CLS/register tokens and position embeddings:
+they are offsets, not projections, and decaying them towards zero only erases information.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ov2_megatron.training.run_config import TrainConfig, effective_warmup
+
+_NO_DECAY_NAMES = ("cls_token", "registers", "pos_embed")
+
+
+def _no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
+    return param.ndim == 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
+
+
+def build_optimizer(model_chunks: list, train: TrainConfig):
+    config = OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        adam_beta1=train.beta1, adam_beta2=train.beta2, adam_eps=train.eps,
+        clip_grad=train.clip_grad, bf16=train.precision == "bf16",
+        params_dtype=torch.bfloat16 if train.precision == "bf16" else torch.float32,
+        use_distributed_optimizer=True)
+    no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="ov2_no_weight_decay", fn=_no_weight_decay))
+    optimizer = get_megatron_optimizer(config, model_chunks,
+                                       config_overrides={no_decay: {"wd_mult": 0.0}})
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=effective_warmup(train), lr_decay_steps=max(train.steps, 1),
+        lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
+        wd_incr_steps=train.steps, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def inner_optimizers(optimizer) -> list:
+    """The per-dtype megatron optimizers inside a ChainedOptimizer (or the one given)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))

@@ -1,0 +1,169 @@
+"""The run configuration: model + parallel layout + data + training, `--set` overrides, and
+the validation every run passes before any compute (`validate_run`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from ov2_megatron.config import (ModelConfig, ParallelConfig, SequenceGeometry, validate_model)
+from ov2_megatron.data.config import DataConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in this stage."""
+    global_batch: int = 256
+    """Images per optimizer step over all data-parallel replicas."""
+    micro_batch: int = 8
+    """Images per forward/backward on one replica (gradient accumulation fills the rest)."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr (a run shorter than this warms up over its first
+    tenth instead; the start-up line says so)."""
+    weight_decay: float = 0.2
+    """AdamW weight decay (not on norms, biases, CLS/register tokens, position embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    precision: str = "bf16"
+    """'bf16' (mixed precision, fp32 master weights) or 'fp32'."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (attention core) or 'full' (each layer)."""
+    seed: int = 1234
+    """Seeds init, token dropping and data order."""
+    output_dir: str = "runs/default"
+    """Run directory: config.json, metrics.jsonl, TensorBoard events, checkpoints/."""
+    init_from: str = ""
+    """Stage 2: checkpoint (run or checkpoint dir) of stage 1; weights only, fresh schedule."""
+    log_interval: int = 10
+    save_interval: int = 500
+    """Checkpoint every N steps (also on SIGTERM/SIGUSR1 and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    eval_interval: int = 0
+    """Validation every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    max_nonfinite: int = 5
+    """Consecutive non-finite losses that stop the run (each one skips its step)."""
+    num_generate: int = 4
+    """Validation images captioned greedily at each evaluation."""
+    linear_probe: bool = True
+    """Fit a linear probe on frozen features at the end (synthetic data: shape, colour)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "custom"
+    stage: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    synthetic: dict = field(default_factory=dict)
+    """If set (tiny_cpu), the synthetic dataset to build on first use: ensure_synthetic_dataset
+    keyword arguments; data.train_shards/val_shards/tokenizer_model are filled from it."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+
+def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings (values parsed by the field's type)."""
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"--set {assignment!r}: expected key=value, e.g. train.steps=100")
+        target, names = run, path.split(".")
+        for name in names[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, name):
+                raise ValueError(f"--set {path}: unknown section {name!r}")
+            target = getattr(target, name)
+        _assign(target, names[-1], raw, path)
+    return run
+
+
+def _assign(target, name: str, raw: str, path: str) -> None:
+    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+        known = [f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target) else []
+        raise ValueError(f"--set {path}: unknown key {name!r}; known: {', '.join(known)}")
+    hint = typing.get_type_hints(type(target))[name]
+    try:
+        value = _parse(raw, hint)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--set {path}={raw}: {error}") from None
+    if dataclasses.fields(target) and getattr(type(target), "__dataclass_params__").frozen:
+        object.__setattr__(target, name, value)
+    else:
+        setattr(target, name, value)
+
+
+def _parse(raw: str, hint):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _parse(raw, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return raw.lower() in ("true", "1")
+    if hint in (int, float, str):
+        return hint(raw)
+    if origin is tuple:
+        return tuple(_parse(part, args[0]) for part in raw.split(","))
+    raise TypeError(f"cannot set a field of type {hint}")
+
+
+def validate_run(run: RunConfig, world_size: int,
+                 device_capability: tuple[int, int] | None = None) -> SequenceGeometry:
+    """Everything checkable before compute; each error names the field and the fix."""
+    p, t = run.parallel, run.train
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor "
+                         f"({p.tensor}) x parallel.pipeline ({p.pipeline}): change the layout "
+                         f"or launch a multiple of {model_parallel} ranks")
+    dp = world_size // model_parallel
+    if t.global_batch % (t.micro_batch * dp):
+        raise ValueError(f"train.global_batch {t.global_batch} is not divisible by "
+                         f"train.micro_batch ({t.micro_batch}) x data-parallel size ({dp}): "
+                         f"use a multiple of {t.micro_batch * dp}")
+    micro_batches = t.global_batch // (t.micro_batch * dp)
+    if p.virtual_pipeline and micro_batches % p.pipeline:
+        raise ValueError(f"interleaved pipelining needs micro-batches per step ({micro_batches}) "
+                         f"divisible by parallel.pipeline ({p.pipeline}): adjust "
+                         "train.global_batch or train.micro_batch")
+    checks = [
+        (t.steps >= 1, f"train.steps {t.steps} must be >= 1"),
+        (t.precision in ("bf16", "fp32"), f"train.precision {t.precision!r}: use bf16 or fp32"),
+        (t.recompute in ("none", "selective", "full"),
+         f"train.recompute {t.recompute!r}: use none, selective or full"),
+        (t.precision == "bf16" or not run.model.fp8, "model.fp8 needs train.precision=bf16"),
+        (t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr {t.lr} / min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
+        (t.warmup_steps >= 0, f"train.warmup_steps {t.warmup_steps} must be >= 0"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (run.stage in (1, 2), f"stage {run.stage}: use 1 or 2"),
+        (run.data.resolution == run.model.vision.image_size,
+         f"data.resolution {run.data.resolution} != model.vision.image_size "
+         f"{run.model.vision.image_size}: set both to the stage's resolution"),
+        (run.data.caption_length == run.model.decoder.caption_length,
+         f"data.caption_length {run.data.caption_length} != model.decoder.caption_length "
+         f"{run.model.decoder.caption_length}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return validate_model(run.model, p, device_capability)
+
+
+def effective_warmup(train: TrainConfig) -> int:
+    return train.warmup_steps if train.warmup_steps < train.steps else train.steps // 10

@@ -1,0 +1,48 @@
+"""Stage 2 starts from stage-1 weights at a new resolution.
+
+With the default fixed sin-cos position table there is nothing to adapt: it is regenerated
+for the new grid. A learned table is loaded at its stage-1 shape and resized (bicubic). Any
+other shape change (widths, depths, vocabulary) means the checkpoint is not this model's
+stage 1, and the load fails naming the tensor. The optimizer and LR schedule start fresh.
+"""
+
+from __future__ import annotations
+
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+from ov2_megatron.models.vision_encoder import interpolate_pos_embed
+from ov2_megatron.training import checkpoint
+
+_RESIZABLE = "embedding.pos_embed"
+
+
+def load_stage_weights(path: str, model: list, run) -> None:
+    step_dir = checkpoint.resolve(path)
+    if step_dir is None:
+        raise FileNotFoundError(
+            f"train.init_from {path!r}: no checkpoint there (expected a run directory with "
+            "checkpoints/latest, or a step directory): run stage 1 first or fix the path")
+    saved = load_tensors_metadata(step_dir)
+    sharded = checkpoint.model_sharded_state(model)
+    resized = []
+    for chunk_key, chunk_state in sharded.items():
+        for name, tensor in chunk_state.items():
+            if not isinstance(tensor, ShardedTensor) or tensor.key not in saved:
+                continue
+            old_shape = tuple(saved[tensor.key].shape)
+            if old_shape == tuple(tensor.global_shape):
+                continue
+            if not tensor.key.endswith(_RESIZABLE):
+                raise ValueError(f"train.init_from: {tensor.key} has shape {old_shape} in "
+                                 f"{step_dir} but {tuple(tensor.global_shape)} here: not a "
+                                 "stage 1 of this model")
+            chunk_state[name] = ShardedTensor.from_rank_offsets(
+                tensor.key, tensor.data.new_empty(old_shape), replica_id=tensor.replica_id)
+            resized.append((chunk_key, name, tensor.data.shape[0]))
+    state = dist_checkpointing.load(sharded, step_dir)
+    for chunk_key, name, rows in resized:
+        state[chunk_key][name] = interpolate_pos_embed(state[chunk_key][name], int(rows ** 0.5))
+    for i, chunk in enumerate(model):
+        checkpoint._unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)

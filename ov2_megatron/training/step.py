@@ -1,0 +1,98 @@
+"""One training (or evaluation) step: micro-batches through megatron's pipeline schedule.
+
+The caption loss is a mean over caption tokens of the *global* batch: each micro-batch
+returns its token-loss sum and token count (`calculate_per_token_loss`), megatron's
+finalize_model_grads divides the gradients by the global token count, and we report the
+same ratio. So the result does not depend on micro-batching or on the DP/PP layout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ov2_megatron.models.token_drop import keep_indices
+
+
+@dataclass
+class MicroBatch:
+    images: torch.Tensor  # [b, 3, R, R]
+    tokens: torch.Tensor  # [b, L]
+    keep_idx: torch.Tensor  # [b, k]
+
+
+class BatchStream:
+    """Micro-batches of one replica, each with its token-drop indices.
+
+    An example's indices come from its position in the global sample stream, so every
+    TP/PP rank of a replica derives the same ones and a resumed run repeats them."""
+
+    def __init__(self, loader, geom, seed: int, micro_batch: int, micro_batches: int,
+                 dp_rank: int, device: torch.device):
+        self.loader, self.geom, self.seed = loader, geom, seed
+        self.micro_batch, self.micro_batches = micro_batch, micro_batches
+        self.dp_rank, self.device = dp_rank, device
+        self._iter = iter(loader)
+
+    def step_batches(self, step: int) -> tuple[list[MicroBatch], float]:
+        """The micro-batches of optimizer step `step` (0-based) and the seconds spent waiting."""
+        start = time.perf_counter()
+        local = self.micro_batch * self.micro_batches
+        global_batch = local * parallel_state.get_data_parallel_world_size()
+        base = step * global_batch + self.dp_rank * local
+        batches = []
+        for i in range(self.micro_batches):
+            item = next(self._iter)
+            index = torch.arange(base + i * self.micro_batch, base + (i + 1) * self.micro_batch)
+            keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
+            batches.append(MicroBatch(item["images"].to(self.device, non_blocking=True),
+                                      item["tokens"].to(self.device, non_blocking=True),
+                                      keep.to(self.device, non_blocking=True)))
+        return batches, time.perf_counter() - start
+
+
+def forward_step(data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    sums = model(batch.images, batch.tokens, batch.keep_idx)
+
+    def loss_func(out):
+        weight = _unwrap(model).loss_weight
+        loss = weight * out["loss_sum"]
+        report = torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
+                              out["correct"].double()])
+        return loss, out["num_tokens"].to(torch.int), {"sums": report}
+
+    return sums, loss_func
+
+
+def run_schedule(chunks: list, batches: list[MicroBatch], geom, micro_batch: int,
+                 forward_only: bool) -> torch.Tensor:
+    """Forward(+backward) over the step's micro-batches; returns global
+    [loss_sum, num_tokens, correct] on every rank (float64)."""
+    iterators = [iter(batches) for _ in chunks]
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
+        seq_length=geom.decoder_seq, micro_batch_size=micro_batch, forward_only=forward_only)
+    totals = torch.zeros(3, dtype=torch.float64)
+    contributes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                   and parallel_state.get_tensor_model_parallel_rank() == 0)
+    if contributes:  # TP ranks of the last stage hold copies: count one of them per replica
+        for item in outputs:
+            totals += item["sums"].cpu()
+    if torch.cuda.is_available():
+        totals = totals.cuda()
+    dist.all_reduce(totals)
+    return totals.cpu()
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
