@@ -14,7 +14,7 @@ setup(
     version="0.1.0",
     description="OpenVision 2 generative vision-encoder pretraining on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["ov2_megatron", "ov2_megatron.*"]),
+    packages=find_packages(include=["ov2_megatron", "ov2_megatron.*", "kernels", "kernels.*"]),
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.20",

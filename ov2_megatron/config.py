@@ -66,7 +66,11 @@ class DecoderConfig:
     num_heads: int | None = None
     """Override the variant's head count."""
     vocab_size: int = 32000
-    """Tokenizer vocabulary; the embedding and head are padded to a multiple of 128 x TP."""
+    """Tokenizer vocabulary; the embedding and head are padded to vocab_pad_multiple."""
+    vocab_pad_multiple: int = 1024
+    """Pad the vocabulary to a multiple of this (128 rows per shard up to TP=8). Megatron pads
+    to 128 x TP, which changes the tensor shapes with TP and so breaks moving checkpoints
+    between TP sizes; a fixed multiple keeps them portable. Must be divisible by TP."""
     caption_length: int = 128
     """Tokens per caption incl. BOS/EOS; the decoder reads caption_length - 1 of them."""
     pad_id: int = 0
@@ -126,10 +130,9 @@ class SequenceGeometry:
     notes: tuple[str, ...]
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """Megatron's rule: round up to a multiple of `multiple * TP` for even, aligned shards."""
-    step = multiple * tensor_parallel
-    return -(-vocab_size // step) * step
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Round up to a multiple of `multiple` (even, aligned shards on every TP rank)."""
+    return -(-vocab_size // multiple) * multiple
 
 
 def sequence_alignment(model: ModelConfig, parallel: ParallelConfig) -> int:
@@ -167,7 +170,8 @@ def geometry(model: ModelConfig, parallel: ParallelConfig) -> SequenceGeometry:
         kept += extra
     return SequenceGeometry(num_patches, registers, prefix, prefix + num_patches, kept,
                             text_len, kept + text_len,
-                            padded_vocab_size(decoder.vocab_size, parallel.tensor), tuple(notes))
+                            padded_vocab_size(decoder.vocab_size, decoder.vocab_pad_multiple),
+                            tuple(notes))
 
 
 def validate_model(model: ModelConfig, parallel: ParallelConfig,
@@ -201,6 +205,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
                f"choose a TP size that divides {shape.num_heads}")
         _check(shape.mlp_dim % tp == 0,
                f"{name} MLP width {shape.mlp_dim} not divisible by tensor-parallel size {tp}")
+    _check(decoder.vocab_pad_multiple % tp == 0,
+           f"decoder.vocab_pad_multiple {decoder.vocab_pad_multiple} is not divisible by "
+           f"tensor-parallel size {tp}: use a multiple of {tp}")
     _check(parallel.pipeline >= 1 and tp >= 1, "parallel sizes must be >= 1")
     _check(parallel.virtual_pipeline is None or parallel.pipeline > 1,
            "parallel.virtual_pipeline needs parallel.pipeline > 1")

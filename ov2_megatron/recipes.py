@@ -24,7 +24,8 @@ def tiny_cpu(stage: int = 1) -> RunConfig:
         vision=VisionConfig(variant="Ti/16", image_size=resolution, patch_size=8, width=128,
                             depth=4, mlp_dim=512, num_heads=4, keep_ratio=0.5),
         decoder=DecoderConfig(variant="B", width=128, depth=2, mlp_dim=512, num_heads=4,
-                              vocab_size=128, caption_length=48, pad_id=0),
+                              vocab_size=128, vocab_pad_multiple=128, caption_length=48,
+                              pad_id=0),
         transformer_impl="local", init_std=0.02)
     train = TrainConfig(
         steps=300 if stage == 1 else 60, global_batch=64, micro_batch=32,

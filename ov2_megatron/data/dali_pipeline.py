@@ -10,9 +10,9 @@ Every TP/PP rank of one replica passes the same dp_rank and gets the same batche
 is a pure function of (shards, seed, dp_rank, dp_size, batch_size) and the restored state.
 
 Bad samples never stop the stream: SampleFilter flags them, and here a flagged row is replaced
-by a good row of the same batch (training: shapes stay fixed) or dropped (eval: metrics see only
-real samples); every case is counted in `stats()`. Decoder failures that slip past the header
-checks are recovered from (see sample_filter.py and `_recover`).
+by a good row of the same batch (training: shapes stay fixed) or dropped (eval: metrics see
+only real samples); each is counted by reason in `stats()`. Decoder failures that slip past
+the header checks are recovered from (see sample_filter.py and `_recover`).
 
 Resume: `state()` holds DALI's own checkpoint taken through the iterator after the last
 consumed batch (reader position, shuffle buffer RNG, augmentation RNG), plus our counters and
@@ -35,6 +35,8 @@ from ov2_megatron.data.sample_filter import SampleFilter
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 
 _STATE_VERSION = 1
+_ISSUE_NAMES = tuple(issue.metric_name for issue in Issue if issue != Issue.OK)
+_TOTAL_NAMES = ("samples", "replaced", "dropped", "batches_skipped", "recoveries")
 _MAX_RECOVERIES_PER_BATCH = 3
 
 
@@ -287,9 +289,14 @@ class ImageCaptionLoader:
         self._pipe = None
 
     def stats(self) -> dict[str, int]:
-        """Cumulative counters (survive resume): samples, one per Issue name that occurred,
-        replaced / dropped / batches_skipped / recoveries."""
-        return dict(self._stats)
+        """Bad samples by reason (Issue names, e.g. "truncated_jpeg"), cumulative and carried
+        across resume. Only reasons that occurred appear; the sum is the bad-sample count."""
+        return {name: self._stats[name] for name in _ISSUE_NAMES if self._stats[name]}
+
+    def totals(self) -> dict[str, int]:
+        """Other cumulative counters: samples read (good and bad), rows replaced (training) or
+        dropped (eval), batches skipped because every row was bad, decoder-failure recoveries."""
+        return {name: self._stats[name] for name in _TOTAL_NAMES}
 
     def state(self) -> dict:
         """Picklable (plain types only) state that resumes this exact stream."""

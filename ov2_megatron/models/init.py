@@ -22,6 +22,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
+# Layers whose input is not a unit-scale residual stream get fan-in scaled (LeCun) inits, as
+# in big_vision and the OpenVision 2 code: with std 0.02 the patch embedding's output would
+# be ~4x smaller than the sin-cos position table and the image would start out drowned.
+_FAN_IN_SCALED = ("vision.patch_embed.weight", "decoder.img_proj.weight", "decoder.head.weight")
+
+
 def _standard_value(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
     """The full tensor in the standard layout (vocabulary unpadded)."""
     leaf = name.rsplit(".", 1)[-1]
@@ -29,6 +35,11 @@ def _standard_value(name: str, shape: tuple[int, ...], std: float, seed: int) ->
         return torch.zeros(shape)
     if (".ln" in name or ".norm." in name) and leaf == "weight":
         return torch.ones(shape)
+    if name in _FAN_IN_SCALED:
+        fan_in = 1
+        for size in shape[1:]:
+            fan_in *= size
+        std = fan_in ** -0.5
     return torch.randn(shape, generator=_generator(seed, name)) * std
 
 

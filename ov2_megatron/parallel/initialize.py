@@ -46,6 +46,14 @@ def _rank_from_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed (if needed) and megatron's parallel state for `layout`."""
     from megatron.core import parallel_state, tensor_parallel
@@ -60,6 +68,8 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",

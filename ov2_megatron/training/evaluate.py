@@ -34,17 +34,21 @@ def validation(run, model, geom, logger, step: int) -> dict:
     for chunk in model:
         chunk.eval()
     items = _eval_batches(run, run.data.val_shards, run.train.eval_batches)
-    device, totals = _device(), torch.zeros(3, dtype=torch.float64)
+    device = _device()
+    totals, mismatched = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for n, item in enumerate(items):
             size = item["images"].shape[0]
             index = torch.arange(size) + n * size
-            keep = keep_indices(index, geom.num_patches, geom.num_kept, run.train.seed)
-            batch = MicroBatch(item["images"].to(device), item["tokens"].to(device),
-                               keep.to(device))
-            totals += run_schedule(model, [batch], geom, size, forward_only=True)
+            keep = keep_indices(index, geom.num_patches, geom.num_kept, run.train.seed).to(device)
+            images, tokens = item["images"].to(device), item["tokens"].to(device)
+            totals += run_schedule(model, [MicroBatch(images, tokens, keep)], geom, size, True)
+            # The same captions paired with other images: how much the loss owes to pixels.
+            shuffled = MicroBatch(images.roll(1, dims=0), tokens, keep)
+            mismatched += run_schedule(model, [shuffled], geom, size, True)
     result = dict(val_loss=float(totals[0] / max(totals[1], 1)),
-                  val_token_accuracy=float(totals[2] / max(totals[1], 1)))
+                  val_token_accuracy=float(totals[2] / max(totals[1], 1)),
+                  val_loss_wrong_images=float(mismatched[0] / max(mismatched[1], 1)))
     logger.log(step, result)
     if run.train.num_generate and items and run.parallel.pipeline == 1:
         _show_captions(run, model, geom, items[0], logger, step)
@@ -82,7 +86,10 @@ def final(run, model, geom, logger, step: int, loader) -> dict:
 
 
 def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> dict:
-    """Logistic regression on pooled encoder features -> first object's shape and colour."""
+    """Logistic regression on frozen encoder features -> first object's shape and colour.
+
+    Features are the mean of the patch tokens: the captioning loss trains patch tokens (the
+    decoder never sees CLS), and patch tokens are what LLaVA-style models consume."""
     from ov2_megatron.data.synthetic import COLORS, SHAPES
 
     encoder = checkpoint._unwrap(model[0])
@@ -92,8 +99,8 @@ def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> d
         feats, captions = [], []
         with torch.no_grad():
             for item in _eval_batches(run, shards, limit):
-                _, pooled = encoder.encode(item["images"].to(_device()))
-                feats.append(pooled.float().cpu())
+                patches, _ = encoder.encode(item["images"].to(_device()))
+                feats.append(patches.mean(dim=1).float().cpu())
                 captions += item["captions"]
         return torch.cat(feats), captions
 

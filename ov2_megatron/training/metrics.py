@@ -42,7 +42,7 @@ class MetricsLogger:
                          ("images_per_s", ".1f"), ("tokens_per_s", ".0f"),
                          ("tflops_per_device", ".2f"), ("mfu", ".1%"), ("data_wait_s", ".3f"),
                          ("memory_gb", ".2f"), ("skipped", "d"), ("val_loss", ".4f"),
-                         ("val_token_accuracy", ".1%"), ("probe_shape_accuracy", ".1%"),
+                         ("val_token_accuracy", ".1%"), ("val_loss_wrong_images", ".4f"), ("probe_shape_accuracy", ".1%"),
                          ("probe_colour_accuracy", ".1%")):
             value = record.get(key)
             if value is not None:

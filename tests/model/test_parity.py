@@ -24,6 +24,7 @@ def tiny_config(mask: str, learned: bool):
                    mlp_dim=128, num_heads=4, num_registers=1, keep_ratio=0.5,
                    pos_embed="learned" if learned else "sincos"),
         decoder=Dec(variant="B", width=48, depth=3, mlp_dim=96, num_heads=4, vocab_size=VOCAB,
+                    vocab_pad_multiple=128,
                     caption_length=CAPTION, pad_id=0, mask=mask,
                     pos_embed="learned" if learned else "none"),
         transformer_impl="local", init_std=0.05)

@@ -64,7 +64,10 @@ def test_blackwell_accepts_mxfp8():
                    device_capability=(10, 0))
 
 
-def test_vocab_padding_follows_megatron():
-    assert padded_vocab_size(30522, 1) == 30592
-    assert padded_vocab_size(32000, 8) == 32768
-    assert padded_vocab_size(32000, 1) == 32000
+def test_vocab_padding_is_independent_of_tp():
+    assert padded_vocab_size(30522, 1024) == 30720
+    assert padded_vocab_size(32000, 1024) == 32768
+    geoms = [validate_model(L14, ParallelConfig(tensor=tp)) for tp in (1, 2, 4)]
+    assert {g.padded_vocab for g in geoms} == {32768}  # L/14 + decoder-L: TP 1, 2, 4
+    with pytest.raises(ValueError, match="vocab_pad_multiple 102 is not divisible by"):
+        validate_model(with_(decoder={"vocab_pad_multiple": 102}), ParallelConfig(tensor=4))

@@ -1,0 +1,196 @@
+"""Images/s of the DALI loader against the loader a user would otherwise write, side by side.
+
+    python tools/bench_data.py --shards DIR [--resolution R] [--threads T]
+
+Both loaders read the same shards and produce the same thing: a training batch of
+random-resized-crop images at R x R, normalised float32 CHW, plus fixed-length caption tokens.
+  * dali: ov2_megatron.data.ImageCaptionLoader with T DALI threads (decoding "mixed", i.e. on
+    the GPU, when CUDA is available; "cpu" otherwise).
+  * torch: a torch DataLoader with T worker processes over an IterableDataset that reads the
+    tars with `tarfile`, decodes with PIL and applies torchvision's transforms. torchvision
+    itself cannot be installed next to this project's pinned CPU torch, so the three transforms
+    are re-implemented here with torchvision's exact algorithms: RandomResizedCrop (its
+    get_params: 10 attempts at area/log-ratio sampling, then the centre-crop fallback; PIL crop
+    + bilinear resize, which is what torchvision does on PIL images), ToTensor (uint8 HWC ->
+    float CHW / 255) and Normalize. Captions are tokenized in the workers' collate_fn.
+Each loader gets warm-up batches (worker/pipeline start-up is excluded), then a timed run; the
+loaders alternate for --rounds rounds and each one's best round is reported, so neither is
+penalised by a noisy neighbour. Images per CPU-second (this process's threads plus its worker
+processes) are printed too: unlike images/s they hold on a shared, loaded machine. The last
+line is `speedup vs torch DataLoader: X.XXx` (wall-clock images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+
+from ov2_megatron.data.config import DataConfig, resolve_shard_spec  # noqa: E402
+from ov2_megatron.data.dali_pipeline import ImageCaptionLoader  # noqa: E402
+from ov2_megatron.data.shards import iter_shard  # noqa: E402
+from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
+
+
+def random_resized_crop_params(width: int, height: int, scale, ratio, rng: random.Random):
+    """torchvision.transforms.RandomResizedCrop.get_params: (top, left, h, w)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: central crop clamped to the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TorchBaselineDataset(IterableDataset):
+    """tarfile + PIL + torchvision-equivalent transforms; samples split over workers."""
+
+    def __init__(self, shards: list[str], config: DataConfig):
+        self.shards, self.config = shards, config
+        self.mean = torch.tensor(config.mean).view(3, 1, 1)
+        self.std = torch.tensor(config.std).view(3, 1, 1)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(self.config.seed * 1000 + worker)
+        index = 0
+        while True:  # endless, like the training stream it is compared with
+            for shard in self.shards:
+                for sample in iter_shard(shard):
+                    index += 1
+                    if index % workers == worker:
+                        yield self.transform(sample.jpeg, rng), sample.caption
+
+    def transform(self, jpeg: bytes, rng: random.Random) -> torch.Tensor:
+        size = self.config.resolution
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        top, left, h, w = random_resized_crop_params(*image.size, self.config.crop_scale,
+                                                     self.config.crop_ratio, rng)
+        image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.array(image, copy=True))  # [R, R, 3] uint8
+        tensor = pixels.permute(2, 0, 1).contiguous().float().div(255)  # ToTensor: [3, R, R]
+        return tensor.sub_(self.mean).div_(self.std)  # Normalize
+
+
+class TokenizingCollate:
+    def __init__(self, tokenizer_path: str, length: int):
+        self.tokenizer_path, self.length, self.tokenizer = tokenizer_path, length, None
+
+    def __call__(self, items):
+        if self.tokenizer is None:
+            self.tokenizer = CaptionTokenizer.from_file(self.tokenizer_path)
+        images = torch.stack([image for image, _ in items])
+        tokens = self.tokenizer.encode_batch([caption for _, caption in items], self.length)
+        return {"images": images, "tokens": torch.from_numpy(tokens).long()}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all DALI threads) plus its live children (DataLoader workers)."""
+    me = psutil.Process()
+    times = [me.cpu_times()] + [child.cpu_times() for child in me.children(recursive=True)]
+    return sum(t.user + t.system for t in times)
+
+
+def timed(batches, warmup: int, count: int, batch_size: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) over `count` batches after `warmup`.
+    The second is what a loaded machine cannot distort: it says how much CPU each image costs."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        next(batches)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    for _ in range(count):
+        batch = next(batches)
+        if cuda:
+            batch["images"] = batch["images"].cuda(non_blocking=True)
+    if cuda:
+        torch.cuda.synchronize()
+    images = count * batch_size
+    return (images / (time.perf_counter() - start),
+            images / max(cpu_seconds() - cpu_start, 1e-9))
+
+
+def find_tokenizer(shards_dir: str, shards: list[str], tmp: str) -> str:
+    for folder in (shards_dir, os.path.dirname(os.path.abspath(shards_dir))):
+        found = sorted(glob.glob(os.path.join(folder, "*.model")))
+        if found:
+            return found[0]
+    captions = (s.caption for shard in shards for s in iter_shard(shard, with_images=False))
+    return train_tokenizer(captions, os.path.join(tmp, "bench_tok"), 1000, max_sentences=20000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", required=True, help="shard directory (or glob/comma list)")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="DALI threads = DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: a "
+                        "*.model next to the shards, else one trained on their captions)")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.batches < 1 or args.rounds < 1:
+        parser.error("--threads, --batches and --rounds must be >= 1")
+    shards = resolve_shard_spec(args.shards)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = args.tokenizer or find_tokenizer(args.shards, shards, tmp)
+        config = DataConfig(train_shards=args.shards, tokenizer_model=tokenizer,
+                            resolution=args.resolution, num_threads=args.threads)
+        config.validate()
+        best = {"dali": (0.0, 0.0), "torch": (0.0, 0.0)}
+        decoding = "?"
+        for _ in range(args.rounds):
+            loader = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=args.batch_size)
+            decoding = "mixed (GPU)" if loader.device == "gpu" else "cpu"
+            best["dali"] = max(best["dali"], timed(iter(loader), args.warmup, args.batches,
+                                                   args.batch_size))
+            del loader
+            baseline = DataLoader(TorchBaselineDataset(shards, config), batch_size=args.batch_size,
+                                  num_workers=args.threads, prefetch_factor=2,
+                                  collate_fn=TokenizingCollate(tokenizer, config.caption_length),
+                                  pin_memory=torch.cuda.is_available())
+            batches = iter(baseline)
+            best["torch"] = max(best["torch"], timed(batches, args.warmup, args.batches,
+                                                     args.batch_size))
+            del batches  # stops the workers before the next round's DALI run
+    print(f"shards: {len(shards)}, resolution: {args.resolution}, batch: {args.batch_size}, "
+          f"threads/workers: {args.threads}, timed batches: {args.batches} x {args.rounds} rounds")
+    (dali, dali_cpu), (base, base_cpu) = best["dali"], best["torch"]
+    print(f"dali ({decoding} decoding): {dali:.1f} images/s ({dali_cpu:.0f} per CPU-second)")
+    print(f"torch DataLoader (PIL, {args.threads} workers): {base:.1f} images/s "
+          f"({base_cpu:.0f} per CPU-second)")
+    print(f"CPU efficiency vs torch DataLoader: {dali_cpu / base_cpu:.2f}x")
+    print(f"speedup vs torch DataLoader: {dali / base:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
