@@ -31,7 +31,7 @@ def load_stage_weights(path: str, model: list, run) -> None:
         for name, tensor in chunk_state.items():
             if not isinstance(tensor, ShardedTensor) or tensor.key not in saved:
                 continue
-            old_shape = tuple(saved[tensor.key].shape)
+            old_shape = tuple(saved[tensor.key].global_shape)
             if old_shape == tuple(tensor.global_shape):
                 continue
             if not tensor.key.endswith(_RESIZABLE):

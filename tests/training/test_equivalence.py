@@ -15,7 +15,7 @@ from tests.harness import run_distributed
 GLOBAL_BATCH, MICRO, STEPS, IMAGE, CAPTION, VOCAB = 8, 2, 3, 32, 13, 120
 
 
-def tiny_run(tp=1, pp=1, vpp=None, sp=False):
+def tiny_run(tp=1, pp=1, vpp=None, sp=False, recompute="none"):
     from ov2_megatron.config import DecoderConfig, ModelConfig, ParallelConfig, VisionConfig
     from ov2_megatron.data.config import DataConfig
     from ov2_megatron.training.run_config import RunConfig, TrainConfig
@@ -28,7 +28,7 @@ def tiny_run(tp=1, pp=1, vpp=None, sp=False):
         transformer_impl="local", init_std=0.05)
     train = TrainConfig(steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO, lr=3e-3,
                         warmup_steps=1, weight_decay=0.1, clip_grad=1.0, precision="fp32",
-                        seed=11)
+                        seed=11, recompute=recompute)
     return RunConfig(model=model, parallel=ParallelConfig(tp, pp, vpp, sp),
                      data=DataConfig(resolution=IMAGE, caption_length=CAPTION), train=train)
 
@@ -42,7 +42,7 @@ def global_batch(step: int):
     return images, tokens
 
 
-def train_three_steps(tp, pp, vpp, sp):
+def train_three_steps(tp, pp, vpp, sp, recompute="none"):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -52,7 +52,7 @@ def train_three_steps(tp, pp, vpp, sp):
     from ov2_megatron.training.run_config import validate_run
     from ov2_megatron.training.step import MicroBatch
 
-    run = tiny_run(tp, pp, vpp, sp)
+    run = tiny_run(tp, pp, vpp, sp, recompute)
     geom = validate_run(run, dist.get_world_size())
     assert not geom.notes, geom.notes
     initialize(ParallelLayout(tp, pp, vpp), seed=run.train.seed)
@@ -78,12 +78,15 @@ def single_process():
     return run_distributed(train_three_steps, 1, args=(1, 1, None, False))[0]
 
 
-@pytest.mark.parametrize("world,tp,pp,vpp,sp", [
-    (2, 2, 1, None, False), (2, 2, 1, None, True), (2, 1, 2, None, False),
-    (4, 2, 2, None, True), (2, 1, 2, 2, False), (2, 1, 1, None, False),
-], ids=["tp2", "tp2_sp", "pp2", "tp2_pp2_sp", "pp2_vpp2", "dp2"])
-def test_training_steps_match_single_process(single_process, world, tp, pp, vpp, sp):
-    ranks = run_distributed(train_three_steps, world, args=(tp, pp, vpp, sp))
+@pytest.mark.parametrize("world,tp,pp,vpp,sp,recompute", [
+    (2, 2, 1, None, False, "none"), (2, 2, 1, None, True, "none"),
+    (2, 1, 2, None, False, "none"), (4, 2, 2, None, True, "none"),
+    (2, 1, 2, 2, False, "none"), (2, 1, 1, None, False, "none"),
+    (1, 1, 1, None, False, "full"), (2, 2, 1, None, True, "selective"),
+], ids=["tp2", "tp2_sp", "pp2", "tp2_pp2_sp", "pp2_vpp2", "dp2", "recompute_full",
+        "tp2_sp_recompute_selective"])
+def test_training_steps_match_single_process(single_process, world, tp, pp, vpp, sp, recompute):
+    ranks = run_distributed(train_three_steps, world, args=(tp, pp, vpp, sp, recompute))
     losses = [loss for loss, _ in single_process]
     assert losses[0] > 3.0 and losses[-1] < losses[0]  # it trains
     for history in ranks:  # every rank reports the same global numbers
