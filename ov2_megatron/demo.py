@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import warnings
 
 
 def _metrics(run_dir: str) -> list[dict]:
@@ -23,7 +22,9 @@ def _metrics(run_dir: str) -> list[dict]:
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
+    from ov2_megatron.train import _quiet_known_warnings
+
+    _quiet_known_warnings()
     from ov2_megatron.recipes import get_recipe
     from ov2_megatron.training.loop import train
     from ov2_megatron.training.run_config import apply_overrides
@@ -47,7 +48,7 @@ def main() -> int:
           f"images vs {summaries[2]['val_loss_wrong_images']:.3f} with the wrong ones "
           f"(token accuracy {summaries[2]['val_token_accuracy']:.1%})")
     if "probe_shape_accuracy" in final:
-        print(f"linear probe (frozen encoder, first object): shape "
+        print(f"linear probe (frozen encoder, dominant attribute): shape "
               f"{final['probe_shape_accuracy']:.1%} (chance {final['probe_shape_chance']:.1%}), "
               f"colour {final['probe_colour_accuracy']:.1%} "
               f"(chance {final['probe_colour_chance']:.1%})")

@@ -66,9 +66,18 @@ def dry_run(run, world_size: int) -> None:
     print(f"train FLOPs per image: {train_flops_per_sample(run.model, geom, run.train.recompute):.3e}")
 
 
+def _quiet_known_warnings() -> None:
+    """Upstream notices that say nothing actionable about a run (printed once per rank)."""
+    for pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
+                    ".*is deprecated. Please use `torch.distributed.*",
+                    ".*The .grad attribute of a Tensor that is not a leaf.*",
+                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    _quiet_known_warnings()
     from ov2_megatron.recipes import get_recipe
     from ov2_megatron.training.run_config import apply_overrides
 

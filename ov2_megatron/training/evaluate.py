@@ -1,6 +1,6 @@
 """Evaluation: validation caption loss and token accuracy, greedy captions next to the true
-ones, and a linear probe on frozen encoder features (synthetic data: the first object's shape
-and colour, read off its caption). Every rank runs the same code (TP/PP collectives need
+ones, and a linear probe on frozen encoder features (synthetic data: the dominant shape and
+colour, read off the caption). Every rank runs the same code (TP/PP collectives need
 all ranks); only global rank 0 prints and logs."""
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def final(run, model, geom, logger, step: int, loader) -> dict:
 
 
 def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> dict:
-    """Logistic regression on frozen encoder features -> first object's shape and colour.
+    """Logistic regression on frozen encoder features -> the scene's dominant shape and colour
+    (the most frequent in its caption; ties go to the first named).
 
     Features are the mean of the patch tokens: the captioning loss trains patch tokens (the
     decoder never sees CLS), and patch tokens are what LLaVA-style models consume."""
@@ -109,8 +110,8 @@ def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> d
     encoder.train()
     result = {}
     for attribute, words in (("shape", SHAPES), ("colour", tuple(COLORS))):
-        train_y = torch.tensor([_first_word(c, words) for c in train_caps])
-        val_y = torch.tensor([_first_word(c, words) for c in val_caps])
+        train_y = torch.tensor([_dominant_word(c, words) for c in train_caps])
+        val_y = torch.tensor([_dominant_word(c, words) for c in val_caps])
         accuracy = _fit_and_score(train_x, train_y, val_x, val_y, len(words))
         chance = float(torch.bincount(val_y, minlength=len(words)).max()) / len(val_y)
         result[f"probe_{attribute}_accuracy"] = accuracy
@@ -118,10 +119,12 @@ def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> d
     return result
 
 
-def _first_word(caption: str, words: tuple[str, ...]) -> int:
-    """Index of the first of `words` in the caption (its first object's attribute)."""
-    positions = [(caption.find(f" {w}"), i) for i, w in enumerate(words) if f" {w}" in caption]
-    return min(positions)[1] if positions else 0
+def _dominant_word(caption: str, words: tuple[str, ...]) -> int:
+    """Index of the most frequent of `words` in the caption (ties: the first named)."""
+    tokens = caption.replace(",", " ").replace(".", " ").split()
+    counts = [(tokens.count(w), -tokens.index(w) if w in tokens else 0, i)
+              for i, w in enumerate(words)]
+    return max(counts)[2]
 
 
 def _fit_and_score(train_x, train_y, val_x, val_y, classes: int) -> float:

@@ -1,0 +1,286 @@
+"""Benchmark the real training step: warm-up + timed steps of `loop.train_step` on the
+model, DDP and distributed optimizer that `loop.build_model_and_optimizer` builds.
+
+    result = run_benchmark(run, steps=10, warmup=2)   # inside an initialised world
+
+What is measured, and how (also written into the result):
+  step time        wall time of data + train_step, synchronised (CUDA) at both ends; median
+  data wait        producing the step's micro-batches: with synthetic data the token-drop
+                   index draw (images and captions are drawn once, in memory); with
+                   data="loader" the real DALI loader through BatchStream
+  optimizer        megatron's optimizer.step (grad-norm, clip, Adam, param all-gather),
+                   timed by wrapping that one bound method
+  forward-backward the rest of train_step: the pipeline schedule incl. grad reduction
+  exposed comm     part of the two above: host time blocked in collectives (CPU/gloo), or
+                   NCCL kernel time not overlapped by compute in one profiled step (CUDA)
+  memory           peak above the pre-model baseline (perf/peak_memory.py), max over ranks,
+                   next to the memory model's prediction for the same layout
+  FLOP/s, MFU      analytic model FLOPs (models/flops.py; recomputation not counted, HFU
+                   counts it) against the device's dense bf16 peak; FP8 runs say so
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ov2_megatron.models.flops import (PEAK_BF16, PEAK_FP8, model_flops_per_sample, peak_for,
+                                       train_flops_per_sample)
+from ov2_megatron.perf import memory_model
+from ov2_megatron.perf.comm_timing import KINDS, BlockedTimer, exposed_from_kernels
+from ov2_megatron.perf.peak_memory import PeakMemory
+
+GiB = 2**30
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synthetic_captions(batch: int, length: int, vocab: int, pad_id: int,
+                       gen: torch.Generator) -> torch.Tensor:
+    """[b, L] ids in [1, vocab) avoiding pad_id, with PAD tails of varying length (half to
+    all of L is text), like tokenised captions."""
+    tokens = torch.randint(1, vocab, (batch, length), generator=gen)
+    tokens[tokens == pad_id] = (pad_id + 1) % vocab or 1
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=gen)
+    tokens[torch.arange(length) >= lengths[:, None]] = pad_id
+    return tokens
+
+
+class SyntheticStream:
+    """One replica's micro-batches, drawn once in memory; each step draws fresh token-drop
+    indices for its global sample positions, as BatchStream does for loader batches."""
+
+    def __init__(self, run, geom, micro_batches: int, dp_rank: int, device: torch.device):
+        from megatron.core import parallel_state
+
+        self.geom, self.seed, self.micro_batches = geom, run.train.seed, micro_batches
+        self.micro_batch, self.dp_rank, self.device = run.train.micro_batch, dp_rank, device
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        gen = torch.Generator().manual_seed(run.train.seed + 7919 * dp_rank)
+        size, dec = run.model.vision.image_size, run.model.decoder
+        self.data = []
+        for _ in range(micro_batches):
+            images = torch.randn(self.micro_batch, run.model.vision.in_channels, size, size,
+                                 generator=gen)
+            tokens = synthetic_captions(self.micro_batch, dec.caption_length, dec.vocab_size,
+                                        dec.pad_id, gen)
+            self.data.append((images.to(device), tokens.to(device)))
+
+    def step_batches(self, step: int):
+        from ov2_megatron.models.token_drop import keep_indices
+        from ov2_megatron.training.step import MicroBatch
+
+        start = time.perf_counter()
+        local = self.micro_batch * self.micro_batches
+        base = step * local * self.dp_size + self.dp_rank * local
+        batches = []
+        for i, (images, tokens) in enumerate(self.data):
+            index = torch.arange(base + i * self.micro_batch, base + (i + 1) * self.micro_batch)
+            keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
+            batches.append(MicroBatch(images, tokens, keep.to(self.device, non_blocking=True)))
+        return batches, time.perf_counter() - start
+
+
+def _loader_stream(run, geom, micro_batches, dp_rank, dp_size, device):
+    from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
+    from ov2_megatron.training.loop import prepare_data
+    from ov2_megatron.training.step import BatchStream
+
+    prepare_data(run)
+    loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
+                                batch_size=run.train.micro_batch)
+    return BatchStream(loader, geom, run.train.seed, run.train.micro_batch, micro_batches,
+                       dp_rank, device)
+
+
+def memory_profile(impl: str) -> memory_model.KernelProfile:
+    if not torch.cuda.is_available():
+        return memory_model.PROFILES["cpu_local"]
+    return memory_model.PROFILES["gpu_te" if impl == "transformer_engine" else "gpu_local"]
+
+
+def predicted_peak(run, geom, impl: str, pipeline_rank: int, dp: int, micro_batches: int):
+    step = memory_model.StepShape(run.train.micro_batch, micro_batches, dp, run.train.precision,
+                                  run.train.recompute)
+    return memory_model.rank_memory(run.model, run.parallel, geom, step, pipeline_rank,
+                                    memory_profile(impl))
+
+
+def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic",
+                  profile_comm: bool = True) -> dict:
+    """Initialise the layout, build, warm up, time `steps` steps; every rank returns the same
+    summary (max memory over ranks). Launch like training (torchrun / srun / one process)."""
+    from megatron.core import parallel_state
+
+    from ov2_megatron.models import specs
+    from ov2_megatron.parallel.initialize import ParallelLayout, initialize
+    from ov2_megatron.training.loop import build_model_and_optimizer, train_step
+    from ov2_megatron.training.run_config import validate_run
+
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    geom = validate_run(run, world, capability)
+    p, t = run.parallel, run.train
+    initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=t.seed)
+    impl = specs.resolve_impl(run.model.transformer_impl)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    micro_batches = t.global_batch // (t.micro_batch * dp)
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    memory = PeakMemory()
+    memory.baseline()
+    if data == "synthetic":
+        stream = SyntheticStream(run, geom, micro_batches, dp_rank, device)
+    elif data == "loader":
+        stream = _loader_stream(run, geom, micro_batches, dp_rank, dp, device)
+    else:
+        raise ValueError(f"data {data!r}: use synthetic or loader")
+    model, optimizer, scheduler = build_model_and_optimizer(run, geom, impl)
+    optimizer_seconds = [0.0]
+    original_step = optimizer.step
+
+    def timed_optimizer_step(*args, **kwargs):
+        _sync()
+        start = time.perf_counter()
+        result = original_step(*args, **kwargs)
+        _sync()
+        optimizer_seconds[0] += time.perf_counter() - start
+        return result
+
+    optimizer.step = timed_optimizer_step
+    for step in range(warmup):
+        batches, _ = stream.step_batches(step)
+        train_step(model, optimizer, scheduler, batches, geom, t.micro_batch)
+    memory.reset()
+    blocked = BlockedTimer()
+    rows = []
+    with blocked.active() if not torch.cuda.is_available() else _null():
+        for step in range(warmup, warmup + steps):
+            _sync()
+            optimizer_seconds[0] = 0.0
+            start = time.perf_counter()
+            batches, data_wait = stream.step_batches(step)
+            loss, grad_norm, totals = train_step(model, optimizer, scheduler, batches, geom,
+                                                 t.micro_batch)
+            _sync()
+            total = time.perf_counter() - start
+            rows.append(dict(step=total, data_wait=data_wait, optimizer=optimizer_seconds[0],
+                             forward_backward=total - data_wait - optimizer_seconds[0],
+                             tokens=float(totals[1]), loss=loss))
+    peak = memory.peak_bytes()
+    comm = _comm_summary(blocked, steps)
+    if torch.cuda.is_available() and profile_comm:
+        comm = _profiled_comm(stream, model, optimizer, scheduler, geom, t.micro_batch,
+                              warmup + steps)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    predicted = predicted_peak(run, geom, impl, pp_rank, dp, micro_batches)
+    per_rank = _gather(dict(rank=dist.get_rank(), pp_rank=pp_rank, peak=peak,
+                            predicted=predicted.peak, process_peak=memory.process_peak_bytes()))
+    return _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, rows, comm,
+                      per_rank, memory.method)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _comm_summary(blocked: BlockedTimer, steps: int) -> dict:
+    by_kind = {kind: blocked.seconds.get(kind, 0.0) / steps for kind in KINDS}
+    return dict(exposed=sum(by_kind.values()), by_kind=by_kind,
+                method="host time blocked in c10d Work.wait (gloo), per step; pipeline "
+                       "includes the bubble")
+
+
+def _profiled_comm(stream, model, optimizer, scheduler, geom, micro_batch, step) -> dict:
+    from ov2_megatron.training.loop import train_step
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    try:
+        batches, _ = stream.step_batches(step)
+        with torch.profiler.profile(activities=activities) as prof:
+            train_step(model, optimizer, scheduler, batches, geom, micro_batch)
+            torch.cuda.synchronize()
+        exposed, total = exposed_from_kernels(prof.events())
+    except Exception as error:  # a profiler failure must not lose the benchmark
+        return dict(exposed=None, by_kind={}, method=f"profiler failed: {error}")
+    return dict(exposed=exposed, by_kind={"nccl_total": total},
+                method="one profiled step: NCCL kernel time not overlapped by compute kernels")
+
+
+def _gather(item: dict) -> list[dict]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [item]
+    items = [None] * dist.get_world_size()
+    dist.all_gather_object(items, item)
+    return items
+
+
+def _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, rows, comm,
+               per_rank, memory_method) -> dict:
+    p, t = run.parallel, run.train
+    step_time = statistics.median(r["step"] for r in rows)
+    median = {k: statistics.median(r[k] for r in rows)
+              for k in ("data_wait", "forward_backward", "optimizer")}
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        (platform.processor() or platform.machine()) + f" ({os.cpu_count()} CPUs)"
+    peak = peak_for(device_name, PEAK_BF16) if torch.cuda.is_available() else None
+    model_flops = model_flops_per_sample(run.model, geom) * t.global_batch / step_time / world
+    hw_flops = train_flops_per_sample(run.model, geom, t.recompute) * t.global_batch / step_time / world
+    basis = "no bf16 peak known for this device"
+    if peak:
+        basis = f"dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
+        if run.model.fp8:
+            fp8 = peak_for(device_name, PEAK_FP8)
+            basis = (f"FP8 run ({run.model.fp8}): MFU against the bf16 peak "
+                     f"{peak / 1e12:.0f}; FP8 peak {fp8 / 1e12 if fp8 else float('nan'):.0f}")
+    measured = [r["peak"] for r in per_rank if r["peak"] is not None]
+    return dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        host=socket.gethostname(), device=device_name, world=world,
+        recipe=run.name, stage=run.stage, impl=impl, data=data,
+        layout=dict(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, sp=p.sequence_parallel,
+                    dp=dp),
+        precision=t.precision, fp8=run.model.fp8, recompute=t.recompute,
+        image_size=run.model.vision.image_size, micro_batch=t.micro_batch,
+        micro_batches=micro_batches, global_batch=t.global_batch, steps=steps, warmup=warmup,
+        step_time_s=step_time, step_times_s=[r["step"] for r in rows],
+        images_per_s=t.global_batch / step_time,
+        tokens_per_s=statistics.median(r["tokens"] for r in rows) / step_time,
+        tflops_per_device=model_flops / 1e12, hw_tflops_per_device=hw_flops / 1e12,
+        mfu=model_flops / peak if peak else None, hfu=hw_flops / peak if peak else None,
+        mfu_basis=basis,
+        split_s=dict(data_wait=median["data_wait"], forward_backward=median["forward_backward"],
+                     optimizer=median["optimizer"], exposed_comm=comm["exposed"],
+                     comm_by_kind=comm["by_kind"]),
+        split_method=comm["method"],
+        peak_memory_gib=max(measured) / GiB if measured else None,
+        predicted_memory_gib=max(r["predicted"] for r in per_rank) / GiB,
+        per_rank_memory_gib=[dict(rank=r["rank"], pp_rank=r["pp_rank"],
+                                  measured=None if r["peak"] is None else r["peak"] / GiB,
+                                  predicted=r["predicted"] / GiB) for r in per_rank],
+        memory_method=memory_method, loss=rows[-1]["loss"],
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        versions=_versions())
+
+
+def _versions() -> dict:
+    import megatron.core
+
+    return dict(torch=torch.__version__, megatron_core=megatron.core.__version__,
+                python=platform.python_version())

@@ -1,0 +1,90 @@
+"""Peak memory of a phase of this process, above a baseline taken before it.
+
+CUDA: the caching allocator's own counters (`max_memory_allocated`), exact for tensors.
+
+CPU: the resident-set high-water mark of the process (`VmHWM` in /proc/self/status), reset
+with `echo 5 > /proc/self/clear_refs`, minus the resident set before the phase. Why this
+measures tensors soundly on CPU (the method of tools/bench_kernels.py):
+  - torch's CPU allocator is plain malloc, no caching: a freed tensor leaves the process;
+  - with MALLOC_MMAP_THRESHOLD_=65536 in the environment *at process start*, glibc maps every
+    allocation >= 64 KiB on its own and unmaps it on free (without it the threshold grows
+    after frees and freed memory is kept and reused, hiding later allocations);
+  - every tensor that matters is written in full, so touched pages == allocated bytes.
+A tracemalloc or Python-level count would miss torch's allocations entirely; a
+TorchDispatchMode tally of live storages would miss what megatron and gloo allocate outside
+the dispatcher. The price: resident library code and thread stacks first touched during the
+phase count too (a few MiB), which is why tests compare models of tens of MiB and more.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD = "65536"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def cpu_method_available() -> bool:
+    return os.access("/proc/self/clear_refs", os.W_OK)
+
+
+class PeakMemory:
+    """`baseline()` before the phase's allocations, `reset()` where the peak window opens,
+    `peak_bytes()` at its end: the highest memory in the window above the baseline."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.base = 0
+        if self.cuda:
+            self.method = "torch.cuda.max_memory_allocated"
+        elif cpu_method_available():
+            self.method = ("VmHWM after clear_refs, minus VmRSS at the baseline "
+                           f"({MMAP_ENV}={os.environ.get(MMAP_ENV, 'unset: may undercount')})")
+        else:
+            self.method = "unavailable (needs Linux /proc/self/clear_refs)"
+
+    def baseline(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+        elif cpu_method_available():
+            self.base = _status_kib("VmRSS") * 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif cpu_method_available():
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # VmHWM := VmRSS
+
+    def peak_bytes(self) -> int | None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        if cpu_method_available():
+            return _status_kib("VmHWM") * 1024 - self.base
+        return None
+
+    def process_peak_bytes(self) -> int | None:
+        """Everything: allocator total on CUDA (reserved), whole-process RSS peak on CPU."""
+        if self.cuda:
+            return torch.cuda.max_memory_reserved()
+        if cpu_method_available():
+            return _status_kib("VmHWM") * 1024
+        return None
+
+
+def pinned_environment() -> dict[str, str]:
+    """The environment a child process needs for a sound CPU measurement."""
+    return dict(os.environ, **{MMAP_ENV: MMAP_THRESHOLD})
