@@ -5,8 +5,9 @@
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --rm -it -v /data:/data ov2-megatron \
 #       torchrun --nproc-per-node 8 -m ov2_megatron.train --recipe vit_l14
 #
-# For Slurm + pyxis: enroot import dockerd://ov2-megatron, then pass the .sqsh file as
-# --container-image (see launch/).
+# For Slurm + pyxis, make a squashfs image and name it when submitting (launch/common.sh):
+#   enroot import -o ov2-megatron.sqsh dockerd://ov2-megatron
+#   OV2_CONTAINER_IMAGE=$PWD/ov2-megatron.sqsh sbatch launch/vit_1b.slurm
 FROM nvcr.io/nvidia/pytorch:25.10-py3
 
 WORKDIR /opt/ov2_megatron

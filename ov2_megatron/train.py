@@ -66,6 +66,12 @@ def dry_run(run, world_size: int) -> None:
     print(f"train FLOPs per image: {train_flops_per_sample(run.model, geom, run.train.recompute):.3e}")
 
 
+def _device_capability():
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
 def _quiet_known_warnings() -> None:
     """Upstream notices that say nothing actionable about a run (printed once per rank)."""
     for pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
@@ -90,6 +96,9 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(run, world)
             return 0
+        from ov2_megatron.training.run_config import validate_run
+
+        validate_run(run, world, _device_capability())  # before any process group or compute
     except (ValueError, FileNotFoundError) as error:
         print(f"ov2-train: configuration error: {error}", file=sys.stderr)
         return 2

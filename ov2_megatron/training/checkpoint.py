@@ -38,6 +38,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def start_writer_shielded() -> None:
+    """Start megatron's checkpoint-writer helper process now, with stop signals ignored.
+
+    dist_checkpointing spawns a multiprocessing Manager at the first save. Spawned with the
+    default handlers, a SIGTERM/SIGUSR1 sent to the whole job step (scancel, preemption,
+    torchrun forwarding) kills it, and the very save that the signal asks for then fails with
+    BrokenPipeError. Ignored dispositions survive the spawn, so the helper outlives them."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def layout_signature(parallel, world_size: int) -> dict:
     return dict(tensor=parallel.tensor, pipeline=parallel.pipeline,
                 virtual_pipeline=parallel.virtual_pipeline,

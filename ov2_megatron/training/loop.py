@@ -117,6 +117,8 @@ def _set_recompute(chunk, recompute: str) -> None:
 
 def train(run: RunConfig) -> dict:
     """Run (or resume) the stage described by `run`; returns the final summary."""
+    stop = StopRequested()  # first: a signal during a long set-up must not kill the rank
+    checkpoint.start_writer_shielded()
     geom, impl, model, optimizer, scheduler = setup(run)
     t, p = run.train, run.parallel
     rank0 = dist.get_rank() == 0
@@ -135,7 +137,6 @@ def train(run: RunConfig) -> dict:
         else torch.device("cpu")
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank, device)
     logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
-    stop = StopRequested()
     flops = train_flops_per_sample(run.model, geom, t.recompute)
     device_name, peak = device_peak_flops()
     meta = dict(name=run.name, stage=run.stage,
