@@ -23,6 +23,7 @@ setup(
         "psutil>=5.9",  # megatron-core's dist_checkpointing.save needs it but does not declare it
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
+        "safetensors>=0.4",  # conversion tools and feature files (tools/convert_checkpoint.py)
     ],
     extras_require={
         # NGC containers ship DALI for their CUDA; on plain machines take the CUDA 13 wheel,

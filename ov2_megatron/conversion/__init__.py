@@ -1,0 +1,18 @@
+"""Checkpoint conversion: this framework's encoder <-> the formats people load vision towers from.
+
+    megatron_checkpoint  distributed checkpoint <-> one "standard" state dict (consolidate),
+                         with the name / shape checks every conversion shares
+    vision_tower         the encoder part of a standard state dict, as the exporters see it
+    timm_format          -> timm VisionTransformer (config.json + model.safetensors)
+    hf_format            -> Hugging Face ViTModel / Dinov2WithRegistersModel
+    openclip_format      OpenCLIP ViT (open_clip_config.json + open_clip_pytorch_model.bin) ->
+    feature_extraction   images / shards / pixel arrays -> encode() features
+    atomic_output        outputs appear whole or not at all
+
+None of timm, transformers or open_clip is imported: the files are written in their formats
+and the tests load them with the real packages (tests/conversion/).
+"""
+
+
+class ConversionError(Exception):
+    """A checkpoint that cannot be converted; the message names the file or tensor and why."""

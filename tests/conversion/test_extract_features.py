@@ -1,0 +1,68 @@
+"""tools/extract_features.py on image folders and webdataset shards: the same JPEGs give the
+same features either way and equal --pixels on the preprocessed arrays; keys files list the
+samples in order; outputs are .npy (one feature) or .safetensors (both)."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+from safetensors.numpy import load_file
+
+from tests.conversion.conftest import run_tools
+
+
+def _jpegs(count: int) -> list[bytes]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(count):
+        size = (40 + 9 * i, 56 - 4 * i)  # not square, not the model size: resize + crop
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_images_shards_and_pixels_agree(tp2_run, tmp_path):
+    from ov2_megatron.conversion.feature_extraction import preprocess
+    from ov2_megatron.data.shards import Sample, ShardWriter
+    from tests.conversion.checkpoints import tiny_run
+
+    jpegs = _jpegs(5)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, data in enumerate(jpegs):
+        (images / f"img{i}.jpg").write_bytes(data)
+    with ShardWriter(str(tmp_path / "shards"), samples_per_shard=3) as writer:
+        for i, data in enumerate(jpegs):
+            writer.write(Sample(key=f"img{i}", jpeg=data, caption="a caption"))
+    run = tiny_run("unused")
+    size, mean, std = run.model.vision.image_size, run.data.mean, run.data.std
+    pixels = np.stack([preprocess(Image.open(io.BytesIO(d)), size, mean, std) for d in jpegs])
+    np.save(tmp_path / "pixels.npy", pixels)
+    out = {name: str(tmp_path / name) for name in
+           ("images.safetensors", "shards.safetensors", "patches_out.npy", "pooled_out.npy")}
+    results = run_tools(
+        ("extract_features", ["--checkpoint", tp2_run, "--images", str(images), "--output",
+                              out["images.safetensors"], "--batch-size", "2"]),
+        ("extract_features", ["--checkpoint", tp2_run, "--shards",
+                              str(tmp_path / "shards" / "*.tar"), "--output",
+                              out["shards.safetensors"], "--batch-size", "4"]),
+        ("extract_features", ["--checkpoint", tp2_run, "--pixels", str(tmp_path / "pixels.npy"),
+                              "--output", out["patches_out.npy"], "--no-progress"]),
+        ("extract_features", ["--checkpoint", tp2_run, "--pixels", str(tmp_path / "pixels.npy"),
+                              "--output", out["pooled_out.npy"], "--features", "pooled"]))
+    assert "5/5" in results[0][2] and "5/5" in results[1][2]
+    from_images = load_file(out["images.safetensors"])
+    from_shards = load_file(out["shards.safetensors"])
+    patches, pooled = np.load(out["patches_out.npy"]), np.load(out["pooled_out.npy"])
+    assert patches.shape == (5, (size // 8) ** 2, 128) and pooled.shape == (5, 128)
+    for name, want in (("patch_tokens", patches), ("pooled", pooled)):
+        assert np.abs(from_images[name] - want).max() <= 1e-5, name
+        assert np.abs(from_shards[name] - want).max() <= 1e-5, name
+    with open(out["images.safetensors"] + ".keys.txt") as f:
+        assert f.read().split() == [f"img{i}.jpg" for i in range(5)]
+    with open(out["shards.safetensors"] + ".keys.txt") as f:
+        assert f.read().split() == [f"img{i}" for i in range(5)]
+    assert not os.path.exists(out["patches_out.npy"] + ".keys.txt")

@@ -1,0 +1,183 @@
+"""Checkpoint conversion: export to timm / Hugging Face, import OpenCLIP, consolidate.
+
+    python tools/convert_checkpoint.py export-timm --checkpoint RUN_OR_CKPT_DIR --output DIR
+    python tools/convert_checkpoint.py export-hf --checkpoint RUN_OR_CKPT_DIR --output DIR
+    python tools/convert_checkpoint.py import-openclip --input DIR --output RUN_DIR --tp N --pp M
+    python tools/convert_checkpoint.py consolidate --checkpoint RUN_OR_CKPT_DIR --output FILE.pt
+    python tools/convert_checkpoint.py consolidate --input FILE.pt --output RUN_DIR --tp N --pp M
+
+A checkpoint of any TP/PP layout is read through the run's config.json (two levels above the
+step directory; --config to point elsewhere). Outputs are written under a temporary name and
+renamed when complete; a mismatched or truncated input fails naming the file or tensor.
+The formats and mapping decisions are documented in ov2_megatron/conversion/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+# Conversion is CPU work (one gloo rank per shard): never touch a GPU, even where one exists.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Upstream notices with nothing actionable for a conversion (module level: the spawned
+# writer ranks import this file too).
+for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
+                 ".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+def _export(args, module_name: str) -> None:
+    from importlib import import_module
+
+    from ov2_megatron.conversion import megatron_checkpoint, vision_tower
+    from ov2_megatron.conversion.atomic_output import refuse_existing
+
+    refuse_existing(args.output)  # before the (long) read
+    exporter = import_module(f"ov2_megatron.conversion.{module_name}")
+    step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
+    standard, geom = megatron_checkpoint.read_standard(step_dir, run)
+    tower = vision_tower.from_standard(standard, run, geom, args.image_size)
+    exporter.export(tower, args.output)
+    print(f"{step_dir} -> {args.output} ({module_name}, {tower.image_size} px, "
+          f"{tower.depth} blocks of width {tower.width}, {tower.num_registers} registers)")
+
+
+def export_timm(args) -> None:
+    _export(args, "timm_format")
+
+
+def export_hf(args) -> None:
+    _export(args, "hf_format")
+
+
+def import_openclip(args) -> None:
+    from ov2_megatron.conversion import megatron_checkpoint, openclip_format
+    from ov2_megatron.recipes import get_recipe
+    from ov2_megatron.conversion.atomic_output import refuse_existing
+    from ov2_megatron.training.run_config import apply_overrides
+
+    refuse_existing(args.output)
+    vision = openclip_format.read(args.input)
+    run = openclip_format.target_run(vision, get_recipe(args.recipe, args.stage), args.tp,
+                                     args.pp)
+    run = apply_overrides(run, args.set)
+    step_dir = megatron_checkpoint.write_distributed(
+        vision.standard, run, args.output, source=args.input, fresh=("decoder.",),
+        note="imported from OpenCLIP; caption decoder freshly initialised")
+    for note in vision.notes:
+        print(f"note: {note}")
+    sets = " ".join(f"--set {item}" for item in megatron_checkpoint.override_args(
+        get_recipe(args.recipe, args.stage), run))
+    print(f"{args.input} -> {step_dir} (TP={args.tp}, PP={args.pp}, {vision.pos_embed} "
+          f"positions, LayerNorm eps {vision.layernorm_eps}). Continue training with:\n"
+          f"  python -m ov2_megatron.train --recipe {args.recipe} --stage {args.stage} {sets}")
+
+
+def consolidate(args) -> None:
+    import torch
+
+    from ov2_megatron.config import ParallelConfig
+    from ov2_megatron.conversion import ConversionError, megatron_checkpoint
+    from ov2_megatron.conversion.atomic_output import refuse_existing, staged_file
+
+    if args.checkpoint:  # distributed -> one file
+        step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
+        standard, _ = megatron_checkpoint.read_standard(step_dir, run)
+        config_out = sidecar_config(args.output)
+        with staged_file(args.output) as weights, staged_file(config_out) as config:
+            torch.save(standard, weights)
+            with open(config, "w") as f:
+                f.write(run.to_json())
+        print(f"{step_dir} -> {args.output} ({len(standard)} tensors) + {config_out}")
+        return
+    if args.tp is None or args.pp is None:
+        raise ConversionError("consolidate --input FILE.pt needs --tp and --pp (the layout to "
+                              "write the distributed checkpoint at)")
+    refuse_existing(args.output)
+    config_path = args.config or sidecar_config(args.input)
+    run = megatron_checkpoint.load_run_config(config_path)
+    try:
+        standard = torch.load(args.input, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ConversionError(f"{args.input}: cannot read the state dict "
+                              f"({type(error).__name__}: {error}); truncated?") from None
+    if not isinstance(standard, dict):
+        raise ConversionError(f"{args.input}: not a state dict")
+    run.parallel = ParallelConfig(tensor=args.tp, pipeline=args.pp, sequence_parallel=(
+        run.parallel.sequence_parallel and args.tp > 1))
+    step_dir = megatron_checkpoint.write_distributed(standard, run, args.output, args.input,
+                                                     note="from a consolidated state dict")
+    print(f"{args.input} -> {step_dir} (TP={args.tp}, PP={args.pp})")
+
+
+def sidecar_config(weights_path: str) -> str:
+    """model.pt -> model.config.json: the run config that goes with a consolidated file."""
+    return os.path.splitext(weights_path)[0] + ".config.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, func, target in (("export-timm", export_timm, "a timm VisionTransformer"),
+                               ("export-hf", export_hf,
+                                "a Hugging Face ViTModel (Dinov2WithRegistersModel with "
+                                "register tokens)")):
+        sub = commands.add_parser(name, help=f"distributed checkpoint -> {target}",
+                                  description=f"A distributed checkpoint (any TP/PP) -> {target}: "
+                                  "config.json + model.safetensors in OUTPUT.")
+        sub.add_argument("--checkpoint", required=True,
+                         help="run dir, its checkpoints/ dir, or a step dir")
+        sub.add_argument("--output", required=True, help="new directory to write")
+        sub.add_argument("--config", help="run config.json (default: the run dir's)")
+        sub.add_argument("--image-size", type=int,
+                         help="resolution to export the position table for (default: the "
+                              "checkpoint's vision.image_size)")
+        sub.set_defaults(func=func)
+    sub = commands.add_parser(
+        "import-openclip", help="OpenCLIP ViT weights -> distributed checkpoint",
+        description="open_clip_config.json + open_clip_pytorch_model.bin in INPUT -> a run dir "
+                    "with config.json and a step-0 distributed checkpoint at TP/PP, ready to "
+                    "continue training (the caption decoder is freshly initialised).")
+    sub.add_argument("--input", required=True, help="directory with the OpenCLIP files")
+    sub.add_argument("--output", required=True, help="new run directory to write")
+    sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    sub.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    sub.add_argument("--recipe", default="vit_l14",
+                     help="recipe for everything but the encoder's shape (default vit_l14)")
+    sub.add_argument("--stage", type=int, default=2, help="recipe stage (default 2)")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="RunConfig override, e.g. train.steps=1000 (repeatable)")
+    sub.set_defaults(func=import_openclip)
+    sub = commands.add_parser(
+        "consolidate", help="distributed checkpoint <-> one torch state dict",
+        description="--checkpoint DIR --output FILE.pt: one plain torch state dict (standard "
+                    "names, full tensors) + FILE.config.json. --input FILE.pt --output DIR "
+                    "--tp N --pp M: back to a distributed checkpoint at that layout.")
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="distributed checkpoint to consolidate")
+    source.add_argument("--input", help="consolidated .pt file to distribute")
+    sub.add_argument("--output", required=True, help="FILE.pt, or a new run directory")
+    sub.add_argument("--config", help="run config.json (default: beside the input)")
+    sub.add_argument("--tp", type=int, help="tensor-parallel size (with --input)")
+    sub.add_argument("--pp", type=int, help="pipeline-parallel size (with --input)")
+    sub.set_defaults(func=consolidate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ov2_megatron.conversion import ConversionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConversionError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Encoder features of a checkpoint, batched, with a progress bar.
+
+    python tools/extract_features.py --checkpoint DIR --images DIR --output feats.npy
+    python tools/extract_features.py --checkpoint DIR --shards 'data/*.tar' --output f.safetensors
+    python tools/extract_features.py --checkpoint DIR --pixels x.npy --output feats.npy
+
+--pixels takes already-normalised float32 [N, 3, H, W] arrays (H, W any multiple of the patch)
+and bypasses preprocessing, so exported models can be compared exactly. Features are those of
+the model's encode(): patch tokens after the final norm [N, patches, width] (--features patch,
+the default) or the pooled CLS output [N, width] (--features pooled); a .safetensors output
+holds both. Runs on the GPU when there is one (--device to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+# Upstream notices with nothing actionable here.
+for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
+                 ".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir, its checkpoints/ dir, or a step dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="directory of images (searched recursively)")
+    source.add_argument("--shards", help="webdataset shards: glob, directory or comma list")
+    source.add_argument("--pixels", help=".npy of normalised float32 [N, 3, H, W]")
+    parser.add_argument("--output", required=True, help="FILE.npy or FILE.safetensors")
+    parser.add_argument("--features", choices=("patch", "pooled"), default="patch",
+                        help="what a .npy output holds (default: patch tokens)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int,
+                        help="preprocessing resolution (default: the model's vision.image_size)")
+    parser.add_argument("--config", help="run config.json (default: the run dir's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cpu":  # before torch starts: megatron's set-up would pick NCCL on a GPU box
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    from ov2_megatron.conversion import ConversionError, feature_extraction, megatron_checkpoint
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.batch_size < 1:
+            raise ConversionError(f"--batch-size {args.batch_size} must be >= 1")
+        step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
+        chunk, _ = megatron_checkpoint.load_model(step_dir, run, device)
+        chunk.float()
+        vision, data = run.model.vision, run.data
+        size = args.image_size or vision.image_size
+        if args.pixels:
+            source = feature_extraction.pixel_source(args.pixels, vision.in_channels)
+        elif args.images:
+            source = feature_extraction.image_source(args.images, size, data.mean, data.std)
+        else:
+            source = feature_extraction.shard_source(args.shards, size, data.mean, data.std)
+        shapes = feature_extraction.extract(chunk, source, args.output, args.features,
+                                            args.batch_size, device,
+                                            progress=not args.no_progress)
+    except (ConversionError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{step_dir} -> {args.output} " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
