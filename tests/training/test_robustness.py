@@ -58,7 +58,8 @@ def stage_two_from_stage_one(stage1: str, stage2: str):
     from ov2_megatron.training import checkpoint, loop
     from tests.distributed import tp_gather
 
-    learned = ["model.vision.pos_embed=learned"]
+    learned = ["model.vision.pos_embed=learned", "model.vision.image_size=32",
+               "data.resolution=32"]
     loop.train(tiny(stage1, [*learned, "train.steps=1"]))
 
     def standard(model, vocab):
@@ -72,8 +73,8 @@ def stage_two_from_stage_one(stage1: str, stage2: str):
     loop._restore(run1, model1, opt1, sched1, geom1)
     before = standard(model1, run1.model.decoder.vocab_size)
     shutdown()
-    run2 = tiny(stage2, [*learned, "model.vision.image_size=48", "data.resolution=48",
-                         f"train.init_from={stage1}"])
+    run2 = tiny(stage2, ["model.vision.pos_embed=learned", "model.vision.image_size=48",
+                         "data.resolution=48", f"train.init_from={stage1}"])
     geom2, _, model2, opt2, sched2 = loop.setup(run2)
     step, _ = loop._restore(run2, model2, opt2, sched2, geom2)
     after = standard(model2, run2.model.decoder.vocab_size)
