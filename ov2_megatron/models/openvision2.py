@@ -29,7 +29,7 @@ from ov2_megatron.parallel.pipeline_split import StagePlan
 class OpenVision2(MegatronModule):
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeometry,
                  plan: StagePlan, impl: str = "local",
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, recompute: str = "none"):
         vit, patch = model.vision.shape()
         dec = model.decoder.shape()
         super().__init__(config=specs.schedule_config(dec, model, parallel, params_dtype))
@@ -45,7 +45,8 @@ class OpenVision2(MegatronModule):
         self.input_tensor = None
 
         def stack(shape, layers):
-            return specs.stack_config(shape, layers[1] - layers[0], model, parallel, params_dtype)
+            return specs.stack_config(shape, layers[1] - layers[0], model, parallel, params_dtype,
+                                      recompute)
 
         self.embedding = self.vision_layers = self.caption_input = None
         self.decoder_layers = self.head = None
@@ -139,7 +140,7 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
 
 def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeometry,
                  impl: str = "local", params_dtype: torch.dtype = torch.float32,
-                 init_seed: int | None = None) -> list[OpenVision2]:
+                 init_seed: int | None = None, recompute: str = "none") -> list[OpenVision2]:
     """This rank's model chunks (one per virtual stage), from megatron's parallel state.
 
     With `init_seed`, weights are drawn independently of the layout (models/init.py)."""
@@ -156,7 +157,7 @@ def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeo
     rank = parallel_state.get_pipeline_model_parallel_rank()
     chunks = [OpenVision2(model, parallel, geom,
                           plans[pipeline_split.chunk_index(rank, vp, parallel.pipeline)],
-                          impl, params_dtype)
+                          impl, params_dtype, recompute)
               for vp in range(parallel.virtual_pipeline or 1)]
     if init_seed is not None:
         from ov2_megatron.models.init import initialize_weights

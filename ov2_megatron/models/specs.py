@@ -120,7 +120,8 @@ def _te_layer_spec(mask: AttnMaskType) -> ModuleSpec:
 
 
 def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
-                 parallel: ParallelConfig, params_dtype: torch.dtype) -> TransformerConfig:
+                 parallel: ParallelConfig, params_dtype: torch.dtype,
+                 recompute: str = "none") -> TransformerConfig:
     """TransformerConfig for one stage's stack of `num_layers` layers.
 
     Pipeline placement is ours (pipeline_split.py), so each stack is built as a one-stage
@@ -155,8 +156,20 @@ def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         attention_softmax_in_fp32=True,
+        **_recompute_kwargs(recompute),
         **fp8_kwargs,
     )
+
+
+def _recompute_kwargs(recompute: str) -> dict:
+    """Activation recomputation. It must be in the config when the layers are built: megatron's
+    attention decides at construction whether to checkpoint its core ('selective')."""
+    if recompute == "selective":  # recompute softmax(QK^T)V: the s^2 activations, cheap FLOPs
+        return dict(recompute_granularity="selective")
+    if recompute == "full":  # recompute every layer from its input in the backward pass
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    return {}
 
 
 def schedule_config(decoder: TransformerShape, model: ModelConfig, parallel: ParallelConfig,

@@ -6,6 +6,7 @@
     peak_memory   measuring peak memory soundly (CUDA allocator stats; CPU RSS high-water)
     comm_timing   time spent blocked in collectives (CPU/gloo) or exposed NCCL time (CUDA)
     benchmark     warm-up + timed steps of the real training step, one JSON/markdown row
+    report        markdown rows, sweep files, merging a sweep's results into one table
     side_by_side  megatron vs the pure-PyTorch twin, OpenVision 1 vs 2, in one process
 
 The analytic parts (hardware, memory_model, planner) import neither megatron nor the

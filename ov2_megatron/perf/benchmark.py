@@ -14,13 +14,15 @@ What is measured, and how (also written into the result):
   exposed comm     part of the two above: host time blocked in collectives (CPU/gloo), or
                    NCCL kernel time not overlapped by compute in one profiled step (CUDA)
   memory           peak above the pre-model baseline (perf/peak_memory.py), max over ranks,
-                   next to the memory model's prediction for the same layout
+                   next to the memory model's prediction for the same layout; with
+                   data="loader" on CPU it includes the loader's host buffers (not modelled)
   FLOP/s, MFU      analytic model FLOPs (models/flops.py; recomputation not counted, HFU
                    counts it) against the device's dense bf16 peak; FP8 runs say so
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -104,6 +106,45 @@ def _loader_stream(run, geom, micro_batches, dp_rank, dp_size, device):
                        dp_rank, device)
 
 
+def shallow_twin(run):
+    """The run with one layer per pipeline chunk: the same layout, precision, shapes and
+    micro-batch, so every kernel (and every oneDNN/MKL primitive for those shapes) runs."""
+    import copy
+
+    twin = copy.deepcopy(run)
+    p = run.parallel
+    twin.model.vision.depth = p.pipeline * (p.virtual_pipeline or 1)
+    twin.model.decoder.depth = 1
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    dp = world // (p.tensor * p.pipeline)
+    twin.train.global_batch = run.train.micro_batch * dp * p.pipeline
+    return twin
+
+
+def warm_libraries(run) -> None:
+    """CPU: one step of `shallow_twin(run)` before the memory baseline, so that first-use
+    costs that are not tensors (code pages, OpenMP/oneDNN state and primitive caches for these
+    shapes, gloo buffers: 20-50 MiB here) are not charged to the run."""
+    import gc
+
+    from megatron.core import parallel_state
+
+    from ov2_megatron.training.loop import build_model_and_optimizer, train_step
+    from ov2_megatron.training.run_config import validate_run
+
+    twin = shallow_twin(run)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    geom = validate_run(twin, world)
+    dp = parallel_state.get_data_parallel_world_size()
+    stream = SyntheticStream(twin, geom, twin.train.global_batch // (twin.train.micro_batch * dp),
+                             parallel_state.get_data_parallel_rank(), torch.device("cpu"))
+    model, optimizer, scheduler = build_model_and_optimizer(twin, geom)
+    batches, _ = stream.step_batches(0)
+    train_step(model, optimizer, scheduler, batches, geom, twin.train.micro_batch)
+    del model, optimizer, scheduler, batches, stream
+    gc.collect()
+
+
 def memory_profile(impl: str) -> memory_model.KernelProfile:
     if not torch.cuda.is_available():
         return memory_model.PROFILES["cpu_local"]
@@ -139,6 +180,8 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     micro_batches = t.global_batch // (t.micro_batch * dp)
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        warm_libraries(run)
     memory = PeakMemory()
     memory.baseline()
     if data == "synthetic":
@@ -148,36 +191,25 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     else:
         raise ValueError(f"data {data!r}: use synthetic or loader")
     model, optimizer, scheduler = build_model_and_optimizer(run, geom, impl)
-    optimizer_seconds = [0.0]
-    original_step = optimizer.step
-
-    def timed_optimizer_step(*args, **kwargs):
-        _sync()
-        start = time.perf_counter()
-        result = original_step(*args, **kwargs)
-        _sync()
-        optimizer_seconds[0] += time.perf_counter() - start
-        return result
-
-    optimizer.step = timed_optimizer_step
+    optimizer_seconds = _time_optimizer_steps(optimizer)
     for step in range(warmup):
         batches, _ = stream.step_batches(step)
         train_step(model, optimizer, scheduler, batches, geom, t.micro_batch)
     memory.reset()
     blocked = BlockedTimer()
     rows = []
-    with blocked.active() if not torch.cuda.is_available() else _null():
+    with blocked.active() if not torch.cuda.is_available() else contextlib.nullcontext():
         for step in range(warmup, warmup + steps):
             _sync()
-            optimizer_seconds[0] = 0.0
+            optimizer_seconds.clear()
             start = time.perf_counter()
             batches, data_wait = stream.step_batches(step)
-            loss, grad_norm, totals = train_step(model, optimizer, scheduler, batches, geom,
-                                                 t.micro_batch)
+            loss, _, totals = train_step(model, optimizer, scheduler, batches, geom,
+                                         t.micro_batch)
             _sync()
             total = time.perf_counter() - start
-            rows.append(dict(step=total, data_wait=data_wait, optimizer=optimizer_seconds[0],
-                             forward_backward=total - data_wait - optimizer_seconds[0],
+            rows.append(dict(step=total, data_wait=data_wait, optimizer=sum(optimizer_seconds),
+                             forward_backward=total - data_wait - sum(optimizer_seconds),
                              tokens=float(totals[1]), loss=loss))
     peak = memory.peak_bytes()
     comm = _comm_summary(blocked, steps)
@@ -186,18 +218,29 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
                               warmup + steps)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     predicted = predicted_peak(run, geom, impl, pp_rank, dp, micro_batches)
+    parameters = sum(p.numel() for chunk in model for p in chunk.parameters())
     per_rank = _gather(dict(rank=dist.get_rank(), pp_rank=pp_rank, peak=peak,
-                            predicted=predicted.peak, process_peak=memory.process_peak_bytes()))
+                            predicted=predicted.peak, process_peak=memory.process_peak_bytes(),
+                            parameters=parameters, predicted_parameters=predicted.parameters))
     return _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, rows, comm,
                       per_rank, memory.method)
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _time_optimizer_steps(optimizer) -> list[float]:
+    """Wrap this optimizer object's `step` (only this instance) to record its seconds."""
+    seconds: list[float] = []
+    original = optimizer.step
 
-    def __exit__(self, *exc):
-        return False
+    def timed_step(*args, **kwargs):
+        _sync()
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        _sync()
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    optimizer.step = timed_step
+    return seconds
 
 
 def _comm_summary(blocked: BlockedTimer, steps: int) -> dict:
@@ -237,11 +280,11 @@ def _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, r
     step_time = statistics.median(r["step"] for r in rows)
     median = {k: statistics.median(r[k] for r in rows)
               for k in ("data_wait", "forward_backward", "optimizer")}
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        (platform.processor() or platform.machine()) + f" ({os.cpu_count()} CPUs)"
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
     peak = peak_for(device_name, PEAK_BF16) if torch.cuda.is_available() else None
-    model_flops = model_flops_per_sample(run.model, geom) * t.global_batch / step_time / world
-    hw_flops = train_flops_per_sample(run.model, geom, t.recompute) * t.global_batch / step_time / world
+    per_device = t.global_batch / step_time / world  # images per second per device
+    model_flops = model_flops_per_sample(run.model, geom) * per_device
+    hw_flops = train_flops_per_sample(run.model, geom, t.recompute) * per_device
     basis = "no bf16 peak known for this device"
     if peak:
         basis = f"dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
@@ -273,10 +316,26 @@ def _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, r
         predicted_memory_gib=max(r["predicted"] for r in per_rank) / GiB,
         per_rank_memory_gib=[dict(rank=r["rank"], pp_rank=r["pp_rank"],
                                   measured=None if r["peak"] is None else r["peak"] / GiB,
-                                  predicted=r["predicted"] / GiB) for r in per_rank],
+                                  predicted=r["predicted"] / GiB,
+                                  process_peak=None if r["process_peak"] is None
+                                  else r["process_peak"] / GiB,
+                                  parameters=r["parameters"],
+                                  predicted_parameters=r["predicted_parameters"])
+                             for r in per_rank],
         memory_method=memory_method, loss=rows[-1]["loss"],
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         versions=_versions())
+
+
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} CPUs)"
 
 
 def _versions() -> dict:

@@ -5,6 +5,7 @@
          + in-flight micro-batches x activations kept for backward
          + the largest transient at the peak moment        (head logits, a layer's backward)
          + communication buffers                           (the SP all-gather buffer)
+(or, after backward, static + the larger of the optimizer's and the collectives' transients)
 
 Static, per parameter held by the rank (TP shards; PP stage's layers), as built by
 training/loop.py: megatron DDP keeps the weights in one contiguous buffer (bf16 or fp32) and
@@ -43,6 +44,7 @@ planner reserves headroom for them), and tensors under a few KiB.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ov2_megatron.config import ModelConfig, ParallelConfig, SequenceGeometry
@@ -63,12 +65,19 @@ class KernelProfile:
     foreach_optimizer: bool
     """torch's foreach Adam (GPU default without TE/Apex) holds one extra fp32 copy of the
     optimizer shard during the step; TE/Apex fused Adam and CPU's per-tensor Adam do not."""
+    collective_copies: bool
+    """gloo's (coalesced) reduce-scatter and all-gather copy the whole bucket (measured: 1x
+    the buffer; megatron keeps one bucket when grad-reduce overlap is off, as on CPU); NCCL
+    works in place with small fixed buffers."""
 
 
 PROFILES = {
-    "cpu_local": KernelProfile("cpu_local", flash_attention=False, foreach_optimizer=False),
-    "gpu_local": KernelProfile("gpu_local", flash_attention=False, foreach_optimizer=True),
-    "gpu_te": KernelProfile("gpu_te", flash_attention=True, foreach_optimizer=False),
+    "cpu_local": KernelProfile("cpu_local", flash_attention=False, foreach_optimizer=False,
+                               collective_copies=True),
+    "gpu_local": KernelProfile("gpu_local", flash_attention=False, foreach_optimizer=True,
+                               collective_copies=False),
+    "gpu_te": KernelProfile("gpu_te", flash_attention=True, foreach_optimizer=False,
+                            collective_copies=False),
 }
 
 
@@ -100,7 +109,8 @@ class RankMemory:
     transient: float
     """Extra bytes alive at the activation peak (head logits, one layer's backward)."""
     optimizer_transient: float
-    """Extra bytes alive during the optimizer step, when the activations are gone."""
+    """Extra bytes alive after backward (gradient reduce-scatter, optimizer step, weight
+    all-gather), when the activations are gone."""
     buffers: float
     in_flight: int
     parts: dict = field(default_factory=dict)
@@ -153,7 +163,12 @@ def stage_plans(model: ModelConfig, parallel: ParallelConfig,
     dec = model.decoder.shape()
     head_flops = 2 * geom.text_len * dec.width * geom.padded_vocab
     chunks = parallel.pipeline * (parallel.virtual_pipeline or 1)
-    return plan_stages(vit, geom.vit_seq, dec, geom.decoder_seq, head_flops, chunks)
+    return _plans(vit, geom.vit_seq, dec, geom.decoder_seq, head_flops, chunks)
+
+
+@functools.lru_cache(maxsize=1024)  # the planner asks for the same split many times
+def _plans(vit, vit_seq, dec, decoder_seq, head_flops, chunks) -> list[StagePlan]:
+    return plan_stages(vit, vit_seq, dec, decoder_seq, head_flops, chunks)
 
 
 # --- activations --------------------------------------------------------------------------
@@ -274,6 +289,8 @@ def rank_memory(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeom
     in_flight = in_flight_micro_batches(pipeline_rank, parallel, step.micro_batches)
     activations = in_flight * (sum(kept.values()) + outputs)
     optimizer_transient = shard * 4 if profile.foreach_optimizer else 0.0
+    if profile.collective_copies:
+        optimizer_transient = max(optimizer_transient, n * 4.0, n * e)
     vit, _ = model.vision.shape()
     dec = model.decoder.shape()
     buffers = 0.0

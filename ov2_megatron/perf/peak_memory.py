@@ -9,11 +9,16 @@ measures tensors soundly on CPU (the method of tools/bench_kernels.py):
   - with MALLOC_MMAP_THRESHOLD_=65536 in the environment *at process start*, glibc maps every
     allocation >= 64 KiB on its own and unmaps it on free (without it the threshold grows
     after frees and freed memory is kept and reused, hiding later allocations);
-  - every tensor that matters is written in full, so touched pages == allocated bytes.
+  - with MKL_DISABLE_FAST_MM=1 MKL frees its GEMM packing buffers after each call instead of
+    caching them (its cache grows with the shapes seen: 6+ MiB here, not a tensor);
+  - every tensor that matters is written in full, so touched pages == allocated bytes;
+  - callers run the same code once on a tiny model before the baseline (benchmark.py
+    `warm_libraries`), so code pages, OpenMP/oneDNN state and gloo's first-use buffers
+    (~20-30 MiB) are not charged to the phase.
 A tracemalloc or Python-level count would miss torch's allocations entirely; a
-TorchDispatchMode tally of live storages would miss what megatron and gloo allocate outside
-the dispatcher. The price: resident library code and thread stacks first touched during the
-phase count too (a few MiB), which is why tests compare models of tens of MiB and more.
+TorchDispatchMode tally of live storages would miss memory allocated outside the dispatcher
+(gloo, library workspaces) and is blind to what the allocator really holds. The price: what
+the warm-up does not touch still counts (~2 MiB here), so tests use models of 50+ MiB.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 MMAP_THRESHOLD = "65536"
+PINNED = {MMAP_ENV: MMAP_THRESHOLD, "MKL_DISABLE_FAST_MM": "1"}
 
 
 def _status_kib(field: str) -> int:
@@ -48,8 +54,9 @@ class PeakMemory:
         if self.cuda:
             self.method = "torch.cuda.max_memory_allocated"
         elif cpu_method_available():
-            self.method = ("VmHWM after clear_refs, minus VmRSS at the baseline "
-                           f"({MMAP_ENV}={os.environ.get(MMAP_ENV, 'unset: may undercount')})")
+            pinned = all(os.environ.get(k) == v for k, v in PINNED.items())
+            self.method = ("VmHWM after clear_refs minus VmRSS at the baseline"
+                           + ("" if pinned else f" (unsound: start the process with {PINNED})"))
         else:
             self.method = "unavailable (needs Linux /proc/self/clear_refs)"
 
@@ -87,4 +94,8 @@ class PeakMemory:
 
 def pinned_environment() -> dict[str, str]:
     """The environment a child process needs for a sound CPU measurement."""
-    return dict(os.environ, **{MMAP_ENV: MMAP_THRESHOLD})
+    return dict(os.environ, **PINNED)
+
+
+def environment_pinned() -> bool:
+    return all(os.environ.get(k) == v for k, v in PINNED.items())

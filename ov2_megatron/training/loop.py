@@ -24,9 +24,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from ov2_megatron.config import SequenceGeometry
-from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
 from ov2_megatron.models import specs
-from ov2_megatron.models.flops import device_peak_flops, train_flops_per_sample
+from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize
 from ov2_megatron.training import checkpoint, evaluate, stage_transfer
@@ -72,7 +71,8 @@ def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str 
     hooks megatron's pipeline functions call (grad finalisation, loss scaling, no_sync)."""
     p = run.parallel
     dtype = torch.bfloat16 if run.train.precision == "bf16" else torch.float32
-    chunks = build_chunks(run.model, p, geom, impl, dtype, init_seed=run.train.seed)
+    chunks = build_chunks(run.model, p, geom, impl, dtype, init_seed=run.train.seed,
+                          recompute=run.train.recompute)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True,
         overlap_grad_reduce=torch.cuda.is_available())
@@ -80,7 +80,6 @@ def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str 
     for chunk in chunks:
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
-        _set_recompute(chunk, run.train.recompute)
         model.append(DistributedDataParallel(chunk.config, ddp_config, chunk))
     optimizer, scheduler = build_optimizer(model, run.train)
     for chunk in model:
@@ -106,15 +105,6 @@ def prepare_data(run: RunConfig) -> None:
     run.data.resolve_shards()  # a missing or unreadable shard is an error before compute
 
 
-def _set_recompute(chunk, recompute: str) -> None:
-    for block in (chunk.vision_layers, chunk.decoder_layers):
-        if block is None or recompute == "none":
-            continue
-        block.config.recompute_granularity = recompute
-        if recompute == "full":
-            block.config.recompute_method, block.config.recompute_num_layers = "uniform", 1
-
-
 def train(run: RunConfig) -> dict:
     """Run (or resume) the stage described by `run`; returns the final summary."""
     stop = StopRequested()  # first: a signal during a long set-up must not kill the rank
@@ -129,6 +119,8 @@ def train(run: RunConfig) -> dict:
             f.write(run.to_json())
     checkpoint.clean_partial(root)
     start_step, data_state = _restore(run, model, optimizer, scheduler, geom)  # 5
+    from ov2_megatron.data.dali_pipeline import ImageCaptionLoader  # DALI only when training
+
     dp_rank, dp_size = checkpoint.data_parallel_info()
     micro_batches = t.global_batch // (t.micro_batch * dp_size)
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
@@ -137,7 +129,8 @@ def train(run: RunConfig) -> dict:
         else torch.device("cpu")
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank, device)
     logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
-    flops = train_flops_per_sample(run.model, geom, t.recompute)
+    # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
+    flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
     meta = dict(name=run.name, stage=run.stage,
                 layout=checkpoint.layout_signature(p, dist.get_world_size()))

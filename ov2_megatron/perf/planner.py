@@ -1,0 +1,313 @@
+"""Rank the parallel layouts of a run on a cluster: which fit, and which step fastest.
+
+For every TP x SP x PP x VPP x DP x micro-batch x recompute combination that divides the
+model and the batch, the memory model (memory_model.py) gives the peak of the fullest
+pipeline rank and this module a step time, from four analytic parts:
+
+  compute     FLOPs of the busiest pipeline rank per micro-batch (models/flops.py terms, with
+              recomputation), / (TP x bf16 peak x efficiency), x micro-batches. Efficiency
+              falls for short GEMMs: E x n / (n + n_half) for n tokens per GEMM (s x b), and
+              no layer runs faster than a fixed launch floor (kernels are launched from the
+              host), so tiny micro-batches are not free
+  bubble      1F1B fill and drain: (PP - 1) / VPP x the mean per-micro-batch stage time
+  TP comm     per layer and micro-batch 4 all-reduces of [s, b, h] (6 under full recompute;
+              SP's all-gather + reduce-scatter move the same bytes), ring cost
+              2 (t-1)/t x bytes / bandwidth, on the critical path (no TP overlap here)
+  PP comm     each micro-batch sends its boundary activation forward and its gradient back
+  DP comm     distributed optimizer: reduce-scatter of fp32 gradients, overlapped with the
+              last micro-batch's backward (training/loop.py sets overlap_grad_reduce on GPU),
+              and all-gather of the weights inside optimizer.step (overlap_param_gather is
+              off), both (d-1)/d x bytes / bandwidth
+  optimizer   Adam over the rank's shard, memory-bound: ~34 bytes per parameter at 80% HBM
+
+Bandwidth: intra-node (NVLink) when a group's ranks share a node, else the per-GPU network
+bandwidth. Ranks are placed TP fastest, then DP, then PP (megatron's default order).
+Not modelled: data loading (assumed hidden), kernel-launch overheads, stragglers, and
+efficiency lost to small GEMMs at high TP (the single `matmul_efficiency` stands for all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ov2_megatron.config import ModelConfig, ParallelConfig, validate_model
+from ov2_megatron.models.flops import model_flops_per_sample
+from ov2_megatron.parallel.pipeline_split import chunk_index, layer_flops
+from ov2_megatron.perf import memory_model
+from ov2_megatron.perf.hardware import Accelerator
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    matmul_efficiency: float = 0.5
+    """Fraction of the bf16 peak the model's GEMMs and attention reach at large shapes."""
+    half_efficiency_tokens: int = 256
+    """GEMM rows (tokens per micro-batch) at which half of that efficiency is reached."""
+    layer_floor_s: float = 60e-6
+    """Least time of one layer's forward + backward (~40 kernel launches)."""
+    p2p_latency_s: float = 30e-6
+    """Fixed cost of one pipeline send/receive."""
+    memory_reserve_gib: float = 3.0
+    """Taken off the device memory before anything: CUDA context, NCCL, cuBLAS workspaces."""
+    fragmentation: float = 0.08
+    """Share of the rest lost to the caching allocator's fragmentation."""
+    profile: str = "gpu_te"
+    """Kernel profile of the memory model (memory_model.PROFILES)."""
+    precision: str = "bf16"
+
+    def usable_bytes(self, gpu: Accelerator) -> float:
+        return (gpu.memory_gib - self.memory_reserve_gib) * (1 - self.fragmentation) * GiB
+
+
+@dataclass
+class StepTime:
+    compute: float
+    bubble: float
+    tp_comm: float
+    pp_comm: float
+    dp_exposed: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return (self.compute + self.bubble + self.tp_comm + self.pp_comm + self.dp_exposed
+                + self.optimizer)
+
+
+@dataclass
+class LayoutPlan:
+    parallel: ParallelConfig
+    data_parallel: int
+    micro_batch: int
+    micro_batches: int
+    recompute: str
+    memory: memory_model.RankMemory
+    time: StepTime
+    fits: bool
+    mfu: float
+    images_per_s: float
+
+
+# --- per-rank work --------------------------------------------------------------------------
+
+def _chunk_time(plan, model: ModelConfig, geom, recompute: str, micro_batch: int, tp: int,
+                gpu: Accelerator, assume: Assumptions) -> float:
+    """Seconds of one chunk's forward + backward (+ recompute) for one micro-batch."""
+    vit, patch = model.vision.shape()
+    dec = model.decoder.shape()
+    redo = {"none": 0.0, "full": 1.0}
+
+    def seconds(flops: float, tokens: int) -> float:
+        efficiency = assume.matmul_efficiency * tokens / (tokens + assume.half_efficiency_tokens)
+        return flops * micro_batch / (tp * gpu.bf16_flops * efficiency)
+
+    total = 0.0
+    for count, shape, seq in ((plan.num_vit_layers, vit, geom.vit_seq),
+                              (plan.num_decoder_layers, dec, geom.decoder_seq)):
+        if not count:
+            continue
+        forward = layer_flops(shape, seq)
+        if recompute == "selective":
+            extra = 4 * seq * seq * shape.width
+        else:
+            extra = redo[recompute] * forward
+        layer = seconds(3 * forward + extra, seq * micro_batch)
+        total += count * max(layer, assume.layer_floor_s)
+    if plan.has_embedding:
+        embed = 2 * geom.num_patches * model.vision.in_channels * patch ** 2 * vit.width
+        total += seconds(2 * embed, geom.num_patches * micro_batch)
+    if plan.has_boundary:
+        total += seconds(3 * 2 * geom.num_kept * vit.width * dec.width,
+                         geom.num_kept * micro_batch)
+    if plan.has_head:
+        total += seconds(3 * 2 * geom.text_len * dec.width * geom.padded_vocab,
+                         geom.text_len * micro_batch)
+    return total
+
+
+def _ring(bytes_: float, ranks: int, bandwidth: float, all_reduce: bool) -> float:
+    if ranks <= 1:
+        return 0.0
+    return (2 if all_reduce else 1) * (ranks - 1) / ranks * bytes_ / bandwidth
+
+
+def step_time(model: ModelConfig, parallel: ParallelConfig, geom, dp: int, micro_batch: int,
+              micro_batches: int, recompute: str, gpu: Accelerator,
+              assume: Assumptions) -> StepTime:
+    t, p, v = parallel.tensor, parallel.pipeline, parallel.virtual_pipeline or 1
+    e = memory_model.BYTES[assume.precision]
+    vit, _ = model.vision.shape()
+    dec = model.decoder.shape()
+    node = gpu.gpus_per_node
+    tp_bw = gpu.intra_node_bandwidth if t <= node else gpu.inter_node_bandwidth
+    pp_bw = gpu.intra_node_bandwidth if t * dp * p <= node else gpu.inter_node_bandwidth
+    dp_bw = gpu.intra_node_bandwidth if t * dp <= node else gpu.inter_node_bandwidth
+    collectives = 6 if recompute == "full" else 4
+    plans = memory_model.stage_plans(model, parallel, geom)
+    per_rank, params = [], 0
+    for rank in range(p):
+        mine = [plans[chunk_index(rank, vp, p)] for vp in range(v)]
+        params = max(params, sum(memory_model.chunk_parameters(c, model, geom, t) for c in mine))
+        compute = sum(_chunk_time(c, model, geom, recompute, micro_batch, t, gpu, assume)
+                      for c in mine)
+        tp_bytes = sum(c.num_vit_layers * geom.vit_seq * vit.width
+                       + c.num_decoder_layers * geom.decoder_seq * dec.width
+                       for c in mine) * micro_batch * e * collectives
+        tp = _ring(tp_bytes, t, tp_bw, all_reduce=True)
+        sent = sum(memory_model.chunk_output_bytes(c, model, geom, parallel, micro_batch, e)
+                   for c in mine)
+        pp = 2 * (sent / pp_bw + v * assume.p2p_latency_s) if p > 1 else 0.0
+        per_rank.append((compute, tp, pp))
+    slowest = max(per_rank, key=sum)
+    mean_stage = sum(sum(r) for r in per_rank) / p
+    reduce_scatter = _ring(params * 4, dp, dp_bw, all_reduce=False)
+    all_gather = _ring(params * e, dp, dp_bw, all_reduce=False)
+    last_backward = slowest[0] * 2 / 3
+    return StepTime(
+        compute=micro_batches * slowest[0], bubble=(p - 1) / v * mean_stage,
+        tp_comm=micro_batches * slowest[1], pp_comm=micro_batches * slowest[2],
+        dp_exposed=max(0.0, reduce_scatter - last_backward) + all_gather,
+        optimizer=params / dp * 34 / (0.8 * gpu.hbm_bandwidth))
+
+
+# --- enumeration ----------------------------------------------------------------------------
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, value = [], 1
+    while value <= limit:
+        out.append(value)
+        value *= 2
+    return out
+
+
+def candidate_parallel(model: ModelConfig, gpus: int, gpus_per_node: int):
+    vit, _ = model.vision.shape()
+    depth = vit.depth + model.decoder.shape().depth
+    for tp in _powers_of_two(gpus_per_node):
+        for sp in ([False, True] if tp > 1 else [False]):
+            for pp in _powers_of_two(depth):
+                if gpus % (tp * pp):
+                    continue
+                for vpp in ([None, 2] if pp > 1 else [None]):
+                    if pp * (vpp or 1) > depth:
+                        continue
+                    yield ParallelConfig(tensor=tp, pipeline=pp, virtual_pipeline=vpp,
+                                         sequence_parallel=sp)
+
+
+def plan(model: ModelConfig, global_batch: int, gpus: int, gpu: Accelerator,
+         assume: Assumptions = Assumptions(), recomputes=("none", "selective", "full"),
+         micro_batches_allowed=None) -> list[LayoutPlan]:
+    """Every valid layout, best first: those that fit by predicted step time, then the rest
+    by memory."""
+    profile = memory_model.PROFILES[assume.profile]
+    if profile.flash_attention:  # selective recompute only drops the unfused [b,a,s,s] tensors
+        recomputes = [r for r in recomputes if r != "selective"]
+    flops = model_flops_per_sample(model, validate_model(model, ParallelConfig()))
+    results = []
+    for parallel in candidate_parallel(model, gpus, gpu.gpus_per_node):
+        try:
+            geom = validate_model(model, parallel)
+        except ValueError:
+            continue  # heads / MLP / vocabulary not divisible by this TP
+        dp = gpus // (parallel.tensor * parallel.pipeline)
+        if global_batch % dp:
+            continue
+        per_replica = global_batch // dp
+        for micro_batch in _powers_of_two(min(per_replica, 1024)):
+            if per_replica % micro_batch:
+                continue
+            micro_batches = per_replica // micro_batch
+            if micro_batches_allowed and micro_batch not in micro_batches_allowed:
+                continue
+            if parallel.virtual_pipeline and micro_batches % parallel.pipeline:
+                continue
+            for recompute in recomputes:
+                results.append(_evaluate(model, parallel, geom, dp, micro_batch, micro_batches,
+                                         recompute, gpu, assume, profile, flops, global_batch,
+                                         gpus))
+    fitting = sorted((r for r in results if r.fits), key=lambda r: (r.time.total, r.memory.peak))
+    rest = sorted((r for r in results if not r.fits), key=lambda r: r.memory.peak)
+    return fitting + rest
+
+
+def _evaluate(model, parallel, geom, dp, micro_batch, micro_batches, recompute, gpu, assume,
+              profile, flops, global_batch, gpus) -> LayoutPlan:
+    step = memory_model.StepShape(micro_batch, micro_batches, dp, assume.precision, recompute)
+    memory = memory_model.max_rank_memory(model, parallel, geom, step, profile)
+    time = step_time(model, parallel, geom, dp, micro_batch, micro_batches, recompute, gpu,
+                     assume)
+    total = time.total
+    return LayoutPlan(parallel, dp, micro_batch, micro_batches, recompute, memory, time,
+                      fits=memory.peak <= assume.usable_bytes(gpu),
+                      mfu=flops * global_batch / (total * gpus * gpu.bf16_flops),
+                      images_per_s=global_batch / total)
+
+
+def model_for(variant: str, resolution: int, keep_ratio: float = 0.35, decoder: str = "L",
+              caption_length: int = 128, vocab_size: int = 32000) -> ModelConfig:
+    from ov2_megatron.config import DecoderConfig, VisionConfig
+
+    return ModelConfig(vision=VisionConfig(variant=variant, image_size=resolution,
+                                           keep_ratio=keep_ratio),
+                       decoder=DecoderConfig(variant=decoder, caption_length=caption_length,
+                                             vocab_size=vocab_size),
+                       transformer_impl="transformer_engine")
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def format_table(plans: list[LayoutPlan], gpu: Accelerator, assume: Assumptions, top: int,
+                 header: str) -> str:
+    fits = [p for p in plans if p.fits]
+    usable = assume.usable_bytes(gpu) / GiB
+    lines = [header,
+             f"assumed: {gpu.name}, dense bf16 peak {gpu.bf16_flops / 1e12:.0f} TFLOP/s at "
+             f"{assume.matmul_efficiency:.0%} matmul efficiency; NVLink "
+             f"{gpu.intra_node_bandwidth / 1e9:.0f} GB/s, network "
+             f"{gpu.inter_node_bandwidth / 1e9:.0f} GB/s per GPU (achievable bus bandwidth), "
+             f"{gpu.gpus_per_node} GPUs/node; usable memory {usable:.1f} of "
+             f"{gpu.memory_gib:.1f} GiB ({assume.memory_reserve_gib:g} GiB reserved, "
+             f"{assume.fragmentation:.0%} fragmentation); {assume.precision}, memory profile "
+             f"{assume.profile}",
+             f"{len(plans)} layouts considered, {len(fits)} fit; best {min(top, len(fits))} "
+             "by predicted step time:", ""]
+    cols = ("#", "TP", "SP", "PP", "VPP", "DP", "recomp", "mb", "m", "mem GiB", "w+g+opt",
+            "act", "step s", "img/s", "MFU", "bubble", "TP comm", "DP exp.")
+    rows = []
+    for i, p in enumerate(fits[:top], 1):
+        par, t, m = p.parallel, p.time, p.memory
+        rows.append((str(i), str(par.tensor), "y" if par.sequence_parallel else "-",
+                     str(par.pipeline), str(par.virtual_pipeline or "-"), str(p.data_parallel),
+                     p.recompute, str(p.micro_batch), str(p.micro_batches),
+                     f"{m.peak / GiB:.1f}", f"{m.static / GiB:.1f}",
+                     f"{(m.activations + m.transient) / GiB:.1f}", f"{t.total:.3f}",
+                     f"{p.images_per_s:,.0f}", f"{p.mfu:.1%}", f"{t.bubble / t.total:.0%}",
+                     f"{t.tp_comm / t.total:.0%}", f"{t.dp_exposed / t.total:.0%}"))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    if not fits and plans:
+        smallest = min(plans, key=lambda p: p.memory.peak)
+        lines.append(f"nothing fits: the smallest layout needs {smallest.memory.peak / GiB:.1f} "
+                     f"GiB per GPU (TP{smallest.parallel.tensor} PP{smallest.parallel.pipeline}"
+                     f" mb {smallest.micro_batch} {smallest.recompute}); add GPUs or memory")
+    lines.append("")
+    lines.append("mem = predicted peak of the fullest pipeline rank (w+g+opt: weights, fp32 "
+                 "grads, distributed-optimizer shard; act: activations + transients); "
+                 "MFU = model FLOPs / (step x GPUs x peak)")
+    return "\n".join(lines)
+
+
+def as_dict(p: LayoutPlan) -> dict:
+    return dict(parallel=dataclasses.asdict(p.parallel), dp=p.data_parallel,
+                micro_batch=p.micro_batch, micro_batches=p.micro_batches,
+                recompute=p.recompute, fits=p.fits, peak_gib=p.memory.peak / GiB,
+                static_gib=p.memory.static / GiB, step_s=p.time.total,
+                images_per_s=p.images_per_s, mfu=p.mfu,
+                time=dataclasses.asdict(p.time))
+

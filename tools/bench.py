@@ -1,0 +1,200 @@
+"""Benchmark OpenVision 2 training: throughput, MFU, memory and where the step's time goes.
+
+    python tools/bench.py --recipe tiny_cpu --steps 5 --json bench.json        # one layout
+    torchrun --nproc-per-node 8 tools/bench.py --recipe vit_l14 --stage 2 \\
+        --set train.global_batch=512 --steps 20                                 # GPUs
+    python tools/bench.py --sweep sweep.json --out runs/bench                  # every entry
+    sbatch --array=0-N launch/bench_sweep.slurm sweep.json runs/bench         # cluster
+    python tools/bench.py --merge runs/bench                                    # one table
+    python tools/bench.py --vs-reference                                        # megatron / twin
+    python tools/bench.py --ov1-vs-ov2                                          # OV1 / OV2 cost
+
+Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchmark.py says
+what is measured and how). On CPU the tool restarts itself once with the environment that
+makes its peak-memory reading sound (ov2_megatron/perf/peak_memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", metavar="FILE", help="run the entries of a sweep file")
+    mode.add_argument("--merge", metavar="DIR", help="merge result JSONs into DIR/results.md")
+    mode.add_argument("--vs-reference", action="store_true",
+                      help="megatron training step vs the pure-PyTorch twin (CPU, TP=1)")
+    mode.add_argument("--ov1-vs-ov2", action="store_true",
+                      help="OpenVision 1 objective vs OpenVision 2, same encoder and batch")
+    parser.add_argument("--recipe", default=None, help="recipe name (ov2_megatron/recipes.py)")
+    parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a run-config field (repeatable)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="--vs-reference / --ov1-vs-ov2: alternating timed rounds")
+    parser.add_argument("--data", choices=("synthetic", "loader"), default="synthetic")
+    parser.add_argument("--json", help="write the result JSON here")
+    parser.add_argument("--out", help="--sweep: directory for the per-run JSONs")
+    parser.add_argument("--index", type=int, default=None,
+                        help="--sweep: run only this entry, in this process (array task)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="--ov1-vs-ov2: skip the two memory subprocesses")
+    return parser.parse_args(argv)
+
+
+def _restart_pinned_on_cpu() -> None:
+    """CPU: re-exec once with MALLOC_MMAP_THRESHOLD_ / MKL_DISABLE_FAST_MM set (they only act
+    from process start); a no-op on GPUs and under a launcher that set them."""
+    import torch
+
+    from ov2_megatron.perf.peak_memory import environment_pinned, pinned_environment
+
+    if torch.cuda.is_available() or environment_pinned():
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], pinned_environment())
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _run_config(args, default_recipe: str):
+    from ov2_megatron.recipes import get_recipe
+    from ov2_megatron.training.run_config import apply_overrides
+
+    return apply_overrides(get_recipe(args.recipe or default_recipe, args.stage), args.overrides)
+
+
+def bench(args) -> int:
+    import torch.distributed as dist
+
+    from ov2_megatron.perf import report
+    from ov2_megatron.perf.benchmark import run_benchmark
+
+    run = _run_config(args, "tiny_cpu")
+    result = run_benchmark(run, steps=args.steps, warmup=args.warmup, data=args.data)
+    if dist.get_rank() == 0:
+        _write(args.json, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}))
+        print(report.markdown_header())
+        print(report.markdown_row(result))
+    return 0
+
+
+def sweep(args) -> int:
+    from ov2_megatron.perf import report
+
+    entries = report.load_sweep(args.sweep)
+    out = args.out or os.path.join("runs", "bench")
+    os.makedirs(out, exist_ok=True)
+    if args.index is not None:  # one array task: this process is one rank of the run
+        entry = entries[args.index]
+        args = parse_args(report.entry_arguments(entry)
+                          + ["--json", os.path.join(out, entry["name"] + ".json")])
+        code = bench(args)
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:  # every task merges what exists; the last one sees all
+            print(report.merge(out))
+        return code
+    failed = []
+    for entry in entries:
+        cmd = [sys.executable, os.path.abspath(__file__), *report.entry_arguments(entry),
+               "--json", os.path.join(out, entry["name"] + ".json")]
+        print(f"--- {entry['name']}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode:
+            failed.append(entry["name"])
+    print(report.merge(out))
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def vs_reference(args) -> int:
+    from ov2_megatron.perf.side_by_side import megatron_vs_reference
+
+    run = _run_config(args, "tiny_cpu")
+    if not any(o.startswith("train.global_batch=") for o in args.overrides):
+        run.train.global_batch = run.train.micro_batch  # one micro-batch per step
+    result = megatron_vs_reference(run, rounds=args.rounds)
+    result["command"] = " ".join(["python", *sys.argv])
+    _write(args.json, result)
+    m, r = result["split_s"]["megatron"], result["split_s"]["reference"]
+    print(json.dumps({k: v for k, v in result.items() if k != "times_s"}))
+    print(f"megatron train_step {result['megatron_s'] * 1e3:.1f} ms (fwd-bwd "
+          f"{m['forward_backward'] * 1e3:.1f}, of which collectives {m['collectives'] * 1e3:.1f};"
+          f" optimizer {m['optimizer'] * 1e3:.1f}) vs reference {result['reference_s'] * 1e3:.1f}"
+          f" ms (fwd-bwd {r['forward_backward'] * 1e3:.1f}, optimizer "
+          f"{r['optimizer'] * 1e3:.1f}): {result['ratio']:.2f}x (target <= 1.15x); first loss "
+          f"{result['first_loss']['megatron']:.6f} vs {result['first_loss']['reference']:.6f}")
+    return 0
+
+
+def ov1_vs_ov2(args) -> int:
+    from ov2_megatron.perf.side_by_side import ov1_vs_ov2 as compare
+    from ov2_megatron.perf.side_by_side import scaled_l14
+    from ov2_megatron.training.run_config import RunConfig, TrainConfig, apply_overrides
+
+    run = apply_overrides(RunConfig(model=scaled_l14(), train=TrainConfig(micro_batch=16)),
+                          args.overrides)
+    result = compare(run.model, run.train.micro_batch, rounds=args.rounds,
+                     measure_memory=not args.no_memory)
+    result["command"] = " ".join(["python", *sys.argv])
+    _write(args.json, result)
+    t = result["time_s"]
+    print(json.dumps({k: v for k, v in result.items() if k not in ("times_s", "losses")}))
+    line = (f"OV1 {t['ov1'] * 1e3:.0f} ms / OV2 {t['ov2'] * 1e3:.0f} ms per step: time "
+            f"{result['time_ratio']:.2f}x (paper 1.5x)")
+    if "memory_ratio" in result:
+        mem = result["memory_bytes"]
+        line += (f"; peak memory {mem['ov1'] / 2**20:.0f} / {mem['ov2'] / 2**20:.0f} MiB: "
+                 f"{result['memory_ratio']:.2f}x (paper 1.8x)")
+    print(line)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.merge:
+        from ov2_megatron.perf import report
+
+        print(report.merge(args.merge))
+        return 0
+    if args.sweep and args.index is None:
+        return sweep(args)
+    if not (args.vs_reference or args.ov1_vs_ov2):
+        _restart_pinned_on_cpu()
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a lone process
+    try:
+        if args.sweep:
+            return sweep(args)
+        if args.vs_reference:
+            return vs_reference(args)
+        if args.ov1_vs_ov2:
+            return ov1_vs_ov2(args)
+        return bench(args)
+    except ValueError as error:
+        print(f"bench.py: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
