@@ -3,7 +3,7 @@
     python tools/train_tokenizer.py --shards DIR_OR_GLOB --output PREFIX [--vocab-size N]
 
 Writes PREFIX.model and PREFIX.vocab (ids PAD=0 UNK=1 BOS=2 EOS=3) and prints the vocabulary
-size and the size padded for a few tensor-parallel degrees (what the model will allocate).
+size and the padded size the model will allocate (a fixed multiple, the same at any TP).
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ov2_megatron.data.config import resolve_shard_spec  # noqa: E402
 from ov2_megatron.data.shards import iter_shard  # noqa: E402
-from ov2_megatron.data.tokenizer import (  # noqa: E402
-    CaptionTokenizer,
-    padded_vocab_size,
-    train_tokenizer,
-)
+from ov2_megatron.config import DecoderConfig, padded_vocab_size  # noqa: E402
+from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 
 
 def shard_captions(shards: list[str]):
@@ -48,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     path = train_tokenizer(shard_captions(shards), args.output, args.vocab_size,
                            model_type=args.model_type, max_sentences=args.max_captions)
     tokenizer = CaptionTokenizer.from_file(path)
-    padded = ", ".join(f"tp{tp}: {padded_vocab_size(tokenizer.vocab_size, tp)}"
-                       for tp in (1, 2, 4, 8))
+    # The model pads to a fixed multiple (decoder.vocab_pad_multiple), whatever the TP size,
+    # so checkpoints move between layouts; set decoder.vocab_size to the size printed here.
+    multiple = DecoderConfig.vocab_pad_multiple
+    padded = padded_vocab_size(tokenizer.vocab_size, multiple)
     print(f"model: {path}")
-    print(f"vocab size: {tokenizer.vocab_size} (padded {padded})")
+    print(f"vocab size: {tokenizer.vocab_size} (the model pads it to {padded}: "
+          f"decoder.vocab_pad_multiple={multiple})")
     return 0
 
 

@@ -4,7 +4,7 @@
     shards.py          webdataset tar writer with DALI index files, plain reader
     sample_checks.py   what makes a sample bad: header checks (in-pipeline) and full decode
     prepare.py         folder/table -> validated shards (tools/prepare_shards.py)
-    tokenizer.py       SentencePiece CaptionTokenizer, padded_vocab_size, train_tokenizer
+    tokenizer.py       SentencePiece CaptionTokenizer, train_tokenizer
     sample_filter.py   the Python stage inside the DALI pipeline (checks + tokenization)
     dali_pipeline.py   ImageCaptionLoader: sharded, resumable, bad-data tolerant
     synthetic.py       procedurally drawn shapes dataset with pixel-determined captions

@@ -94,16 +94,6 @@ class CaptionTokenizer:
         return self._sp.decode(kept)
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron's rule: round up to a multiple of divisible_by * tensor_parallel_size, so the
-    embedding and LM head split evenly over TP ranks in GEMM-friendly widths."""
-    if vocab_size < 1 or tensor_parallel_size < 1 or divisible_by < 1:
-        raise ValueError(f"padded_vocab_size needs positive sizes, got vocab {vocab_size}, "
-                         f"tp {tensor_parallel_size}, divisible_by {divisible_by}")
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
 def train_tokenizer(captions: Iterable[str], out_prefix: str, vocab_size: int,
                     model_type: str = "bpe", max_sentences: int = 2_000_000) -> str:
     """Train a SentencePiece model on `captions`; write `out_prefix.model` / `.vocab` atomically
@@ -140,5 +130,5 @@ def train_tokenizer(captions: Iterable[str], out_prefix: str, vocab_size: int,
     return out_prefix + ".model"
 
 
-__all__ = ["CaptionTokenizer", "padded_vocab_size", "train_tokenizer",
+__all__ = ["CaptionTokenizer", "train_tokenizer",
            "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]

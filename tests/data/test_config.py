@@ -6,7 +6,6 @@ import time
 import pytest
 
 from ov2_megatron.data.config import DataConfig, find_index_paths, resolve_shard_spec
-from ov2_megatron.data.tokenizer import padded_vocab_size
 from tests.data.shard_factory import jpeg_bytes, synthetic_dataset, write_raw_shard
 
 
@@ -77,10 +76,3 @@ def test_loader_refuses_a_missing_shard_before_building_a_pipeline(tmp_path):
         ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=4)
     assert time.perf_counter() - start < 2.0
 
-
-@pytest.mark.parametrize("vocab, tp, expected", [
-    (30522, 1, 30592), (30522, 8, 30720), (32000, 1, 32000), (32000, 4, 32256), (1, 1, 128),
-    (128, 2, 256), (60, 1, 128)])
-def test_padded_vocab_size_matches_megatron(vocab, tp, expected):
-    assert padded_vocab_size(vocab, tp) == expected
-    assert expected % (128 * tp) == 0 and expected - vocab < 128 * tp

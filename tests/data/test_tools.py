@@ -22,7 +22,7 @@ def test_train_tokenizer_cli(tmp_path):
                    "--output", str(tmp_path / "cap"), "--vocab-size", "100")
     assert run.returncode == 0, run.stderr
     tokenizer = CaptionTokenizer.from_file(str(tmp_path / "cap.model"))
-    assert tokenizer.vocab_size == 100 and "tp8: 1024" in run.stdout
+    assert tokenizer.vocab_size == 100 and "the model pads it to 1024" in run.stdout
     caption = "two shapes on a gray background: a small red circle at the top and a large " \
               "blue square in the center."
     assert tokenizer.decode(tokenizer.encode_batch([caption], 64)[0]) == caption
