@@ -1,7 +1,7 @@
 """`make demo`: the embedded default end to end on CPU, in a few minutes.
 
 Draws the synthetic dataset and trains its tokenizer (first run only), trains `tiny_cpu`
-stage 1 at 32 px, then stage 2 at 64 px starting from the stage-1 weights, and prints what
+stage 1 at 48 px, then stage 2 at 64 px starting from the stage-1 weights, and prints what
 a person wants to see: the loss falling, generated captions next to the true ones, the
 validation loss with the right images against the same captions with wrong images, and a
 linear probe on the frozen encoder. Logs and checkpoints stay under runs/demo/.
