@@ -16,22 +16,17 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
+
+from ov2_megatron.parallel.initialize import free_port
 
 DEFAULT_TIMEOUT_S = 150.0
 
 
 class DistributedFailure(AssertionError):
     """One or more ranks raised or timed out; the message holds each rank's traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, results, args, kwargs):
@@ -71,7 +66,7 @@ def run_distributed(
         raise ValueError(f"world_size {world_size} outside 1..8")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, kwargs or {}))
         for r in range(world_size)

@@ -9,7 +9,8 @@ that resets its resident-set high-water mark (`echo 5 > /proc/self/clear_refs`),
   - torch's CPU allocator is plain malloc with no caching, so freed tensors leave the process;
   - the subprocess runs with MALLOC_MMAP_THRESHOLD_=65536, which pins glibc's mmap threshold
     (it otherwise grows up to 32 MB after frees), so every tensor >= 64 KiB is its own mapping,
-    counted in RSS when written and returned to the kernel on free;
+    counted in RSS when written and returned to the kernel on free, and MKL_DISABLE_FAST_MM=1
+    (ov2_megatron/perf/peak_memory.py holds the method, shared with tools/bench.py);
   - every tensor here is written in full, so touched pages == allocated bytes;
   - the inputs exist before the baseline, and a small warm-up run first pays one-time costs
     (BLAS and OpenMP workspaces) so they are not charged to either path.
@@ -31,16 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels import linear_cross_entropy, linear_cross_entropy_reference, token_gather, token_gather_reference  # noqa: E402
+from ov2_megatron.perf.peak_memory import PeakMemory, pinned_environment  # noqa: E402
 
 IMPLS = ("plain", "chunked")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _loss_fn(impl: str, chunk_size: int | None):
@@ -65,20 +59,20 @@ def probe_peak(impl: str, tokens: int, dim: int, vocab: int, chunk_size: int | N
     fn(*small)[0].sum().backward()  # warm-up: thread pools, BLAS workspaces
     hidden, weight, labels = _inputs(tokens, dim, vocab)
     del small
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset VmHWM to the current RSS
-    base_kib = _status_kib("VmRSS")
+    memory = PeakMemory()
+    memory.baseline()
+    memory.reset()  # VmHWM := VmRSS
     start = time.perf_counter()
     loss, num_valid = fn(hidden, weight, labels)
     (loss.sum() / num_valid).backward()
     seconds = time.perf_counter() - start
-    peak = (_status_kib("VmHWM") - base_kib) * 1024
+    peak = memory.peak_bytes()
     return {"impl": impl, "peak_bytes": peak, "seconds": seconds, "loss": float(loss.sum() / num_valid)}
 
 
 def measure_peak(impl: str, tokens: int, dim: int, vocab: int, chunk_size: int | None = None) -> dict:
-    """probe_peak in a fresh subprocess with a pinned mmap threshold (see the module docstring)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    """probe_peak in a fresh subprocess with the pinned allocator environment (module docstring)."""
+    env = pinned_environment()
     cmd = [sys.executable, os.path.abspath(__file__), "probe", impl, "--tokens", str(tokens),
            "--dim", str(dim), "--vocab", str(vocab)]
     if chunk_size:

@@ -336,15 +336,11 @@ def _write_rank(rank: int, world: int, port: int, run: RunConfig, transfer: str,
             std = adapter.standard_name(name, chunk.plan)
             if std not in standard:
                 continue  # a `fresh` tensor: keeps its initialisation
-            value = adapter.from_standard({std: standard[std]}, [name], chunk.plan, vit_heads,
-                                          dec_heads, geom.padded_vocab)[name]
-            if getattr(param, "tensor_model_parallel", False):
-                value = value.chunk(tp, dim=param.partition_dim)[tp_rank]
-            if value.shape != param.shape:
-                raise ConversionError(f"{std}: shard {tuple(value.shape)} does not fit "
-                                      f"{name} {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
+            try:
+                adapter.copy_from_standard(param, name, chunk.plan, standard[std], vit_heads,
+                                           dec_heads, geom.padded_vocab, tp, tp_rank)
+            except ValueError as error:
+                raise ConversionError(str(error)) from None
     dist_checkpointing.save(checkpoint.model_sharded_state(chunks), step_dir)
     torch.distributed.barrier()
     shutdown()

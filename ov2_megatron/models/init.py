@@ -58,9 +58,5 @@ def initialize_weights(chunk, seed: int, std: float, vit_heads: int, decoder_hea
             value = _standard_value(std_name, (vocab_size, *full_shape[1:]), std, seed)
         else:
             value = _standard_value(std_name, tuple(full_shape), std, seed)
-        value = adapter.from_standard({std_name: value}, [name], chunk.plan, vit_heads,
-                                      decoder_heads, full_shape[0])[name]
-        if sharded:
-            value = value.chunk(tp, dim=param.partition_dim)[tp_rank]
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
+        adapter.copy_from_standard(param, name, chunk.plan, value, vit_heads, decoder_heads,
+                                   full_shape[0], tp, tp_rank)

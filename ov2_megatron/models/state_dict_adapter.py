@@ -73,6 +73,22 @@ def qkv_from_standard(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return grouped.transpose(0, 1).reshape(tensor.shape)
 
 
+def copy_from_standard(param: torch.nn.Parameter, name: str, plan: StagePlan,
+                       value: torch.Tensor, vit_heads: int, decoder_heads: int,
+                       padded_vocab: int, tp: int, tp_rank: int) -> None:
+    """Copy a full tensor in the standard layout into this TP rank's shard of the chunk
+    parameter `name`. Raises ValueError if the shard does not fit."""
+    std = standard_name(name, plan)
+    full = from_standard({std: value}, [name], plan, vit_heads, decoder_heads, padded_vocab)[name]
+    if getattr(param, "tensor_model_parallel", False):
+        full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
+    if full.shape != param.shape:
+        raise ValueError(f"{std}: shard {tuple(full.shape)} does not fit "
+                         f"{name} {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(full.to(param.dtype))
+
+
 def to_standard(full_chunk_state: dict[str, torch.Tensor], plan: StagePlan, vit_heads: int,
                 decoder_heads: int, vocab_size: int) -> dict[str, torch.Tensor]:
     """One chunk's full (TP-gathered) parameters or gradients -> standard names and layouts."""

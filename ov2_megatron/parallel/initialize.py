@@ -46,12 +46,20 @@ def _rank_from_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def local_device() -> torch.device:
+    """This rank's compute device: its GPU (set by initialize) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> None:
@@ -69,7 +77,7 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if world_size == 1 and "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
+            os.environ["MASTER_PORT"] = str(free_port())  # a lone process: any free port
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",

@@ -165,7 +165,7 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     from megatron.core import parallel_state
 
     from ov2_megatron.models import specs
-    from ov2_megatron.parallel.initialize import ParallelLayout, initialize
+    from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
     from ov2_megatron.training.loop import build_model_and_optimizer, train_step
     from ov2_megatron.training.run_config import validate_run
 
@@ -178,8 +178,7 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     micro_batches = t.global_batch // (t.micro_batch * dp)
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
+    device = local_device()
     if not torch.cuda.is_available():
         warm_libraries(run)
     memory = PeakMemory()

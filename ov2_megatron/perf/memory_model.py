@@ -205,6 +205,12 @@ def layer_backward_transient(shape: TransformerShape, seq: int, b: int,
     return max(mlp, attention, 2 * seq * b * h * e) + extra
 
 
+def _final_norm_saved(seq: int, b: int, width: int, e: float, f: float) -> float:
+    """A stack's final LayerNorm keeps its input and two fp32 statistics per token (mean,
+    rstd) for backward; f is the SP sequence fraction."""
+    return seq * b * width * e * f + 8 * seq * b * f
+
+
 def chunk_activations(plan: StagePlan, model: ModelConfig, geom: SequenceGeometry,
                       parallel: ParallelConfig, b: int, e: int, profile: KernelProfile,
                       recompute: str) -> tuple[dict[str, float], float]:
@@ -225,7 +231,7 @@ def chunk_activations(plan: StagePlan, model: ModelConfig, geom: SequenceGeometr
         transient = max(transient, layer_backward_transient(vit, s_v, b, parallel, e, profile,
                                                             recompute))
     if plan.has_boundary:
-        parts["boundary"] = (s_v * b * w * e * f + 8 * s_v * b * f  # encoder final norm
+        parts["boundary"] = (_final_norm_saved(s_v, b, w, e, f)  # encoder final norm
                              + geom.num_kept * b * w * e)  # projection input
     if plan.num_decoder_layers:
         per = layer_activations(dec, s_d, b, parallel, e, profile, recompute)
@@ -234,7 +240,7 @@ def chunk_activations(plan: StagePlan, model: ModelConfig, geom: SequenceGeometr
                                                             recompute))
     if plan.has_head:
         logits = geom.text_len * b * vocab * 4  # fp32 [T, b, V/t]
-        parts["head"] = (s_d * b * d * e * f + 8 * s_d * b * f  # decoder final norm input
+        parts["head"] = (_final_norm_saved(s_d, b, d, e, f)  # decoder final norm input
                          + s_d * b * d * e  # its (gathered) output, the head's input
                          + logits)  # softmax kept by the vocab-parallel cross-entropy
         transient = max(transient, logits + geom.padded_vocab * d / t * e)

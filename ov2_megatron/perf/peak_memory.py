@@ -54,9 +54,9 @@ class PeakMemory:
         if self.cuda:
             self.method = "torch.cuda.max_memory_allocated"
         elif cpu_method_available():
-            pinned = all(os.environ.get(k) == v for k, v in PINNED.items())
             self.method = ("VmHWM after clear_refs minus VmRSS at the baseline"
-                           + ("" if pinned else f" (unsound: start the process with {PINNED})"))
+                           + ("" if environment_pinned()
+                              else f" (unsound: start the process with {PINNED})"))
         else:
             self.method = "unavailable (needs Linux /proc/self/clear_refs)"
 

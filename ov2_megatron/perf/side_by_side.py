@@ -26,6 +26,7 @@ import time
 import torch
 
 from ov2_megatron.config import DecoderConfig, ModelConfig, ParallelConfig, VisionConfig
+from ov2_megatron.parallel.initialize import local_device
 from ov2_megatron.perf.comm_timing import BlockedTimer
 
 GiB = 2**30
@@ -49,11 +50,6 @@ def model_from_dict(d: dict) -> ModelConfig:
                        **{k: v for k, v in d.items() if k not in ("vision", "decoder")})
 
 
-def _device() -> torch.device:
-    return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-            else torch.device("cpu"))
-
-
 def _batch(model: ModelConfig, geom, batch: int, seed: int):
     from ov2_megatron.models.token_drop import keep_indices
     from ov2_megatron.perf.benchmark import synthetic_captions
@@ -64,7 +60,7 @@ def _batch(model: ModelConfig, geom, batch: int, seed: int):
     tokens = synthetic_captions(batch, dec.caption_length, dec.vocab_size, dec.pad_id, gen)
     keep = keep_indices(torch.arange(seed * batch, (seed + 1) * batch), geom.num_patches,
                         geom.num_kept, seed)
-    return tuple(t.to(_device()) for t in (images, tokens, keep))
+    return tuple(t.to(local_device()) for t in (images, tokens, keep))
 
 
 def _alternate(steps: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -219,7 +215,7 @@ class _Trainer:
                                dec.num_heads, model.decoder.vocab_size)
         else:
             raise ValueError(f"model kind {kind!r}: use ov1 or ov2")
-        self.module.to(_device())
+        self.module.to(local_device())
         self.weight = model.decoder.loss_weight
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, foreach=False)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.utils import unwrap_model
 
 from ov2_megatron.training.optimizer import inner_optimizers
 
@@ -65,11 +66,7 @@ def layout_signature(parallel, world_size: int) -> dict:
 
 def model_sharded_state(chunks: list) -> dict:
     """{'model0': ..., 'model1': ...}: one entry per virtual-pipeline chunk."""
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def _unwrap(module):
-    return getattr(module, "module", module)
+    return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
@@ -139,7 +136,7 @@ def load_weights(step_dir: str, chunks: list) -> None:
     """Load model weights into this rank's chunks, whatever layout wrote them."""
     state = dist_checkpointing.load(model_sharded_state(chunks), step_dir)
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
 
 
 def load_rank_state(step_dir: str, optimizer) -> object:

@@ -9,18 +9,15 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 from ov2_megatron.models.generation import greedy_captions
 from ov2_megatron.models.token_drop import keep_indices
+from ov2_megatron.parallel.initialize import local_device
 from ov2_megatron.training import checkpoint
 from ov2_megatron.training.step import MicroBatch, run_schedule
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
 
 def _eval_batches(run, shards: str, limit: int):
@@ -34,7 +31,7 @@ def validation(run, model, geom, logger, step: int) -> dict:
     for chunk in model:
         chunk.eval()
     items = _eval_batches(run, run.data.val_shards, run.train.eval_batches)
-    device = _device()
+    device = local_device()
     totals, mismatched = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for n, item in enumerate(items):
@@ -60,9 +57,9 @@ def validation(run, model, geom, logger, step: int) -> dict:
 def _show_captions(run, model, geom, item, logger, step: int) -> None:
     tokenizer = CaptionTokenizer.from_file(run.data.tokenizer_model)
     count = min(run.train.num_generate, item["images"].shape[0])
-    images = item["images"][:count].to(_device())
+    images = item["images"][:count].to(local_device())
     keep = keep_indices(torch.arange(count), geom.num_patches, geom.num_kept, run.train.seed)
-    ids = greedy_captions(checkpoint._unwrap(model[0]), images, keep.to(images.device),
+    ids = greedy_captions(unwrap_model(model[0]), images, keep.to(images.device),
                           tokenizer.bos_id, tokenizer.eos_id, run.model.decoder.caption_length)
     lines = []
     for true, row in zip(item["captions"][:count], ids.tolist()):
@@ -93,14 +90,14 @@ def linear_probe(run, model, train_batches: int = 24, val_batches: int = 8) -> d
     decoder never sees CLS), and patch tokens are what LLaVA-style models consume."""
     from ov2_megatron.data.synthetic import COLORS, SHAPES
 
-    encoder = checkpoint._unwrap(model[0])
+    encoder = unwrap_model(model[0])
     encoder.eval()
 
     def features(shards, limit):
         feats, captions = [], []
         with torch.no_grad():
             for item in _eval_batches(run, shards, limit):
-                patches, _ = encoder.encode(item["images"].to(_device()))
+                patches, _ = encoder.encode(item["images"].to(local_device()))
                 feats.append(patches.mean(dim=1).float().cpu())
                 captions += item["captions"]
         return torch.cat(feats), captions

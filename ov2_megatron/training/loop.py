@@ -19,7 +19,6 @@ import time
 import psutil
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -27,7 +26,7 @@ from ov2_megatron.config import SequenceGeometry
 from ov2_megatron.models import specs
 from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
-from ov2_megatron.parallel.initialize import ParallelLayout, initialize
+from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
 from ov2_megatron.training import checkpoint, evaluate, stage_transfer
 from ov2_megatron.training.metrics import MetricsLogger
 from ov2_megatron.training.optimizer import build_optimizer
@@ -125,9 +124,8 @@ def train(run: RunConfig) -> dict:
     micro_batches = t.global_batch // (t.micro_batch * dp_size)
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
                                 batch_size=t.micro_batch, resume_state=data_state)  # 6
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank, device)
+    stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
+                         local_device())
     logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)

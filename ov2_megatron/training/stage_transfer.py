@@ -11,6 +11,7 @@ from __future__ import annotations
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+from megatron.core.utils import unwrap_model
 
 from ov2_megatron.models.vision_encoder import interpolate_pos_embed
 from ov2_megatron.training import checkpoint
@@ -45,4 +46,4 @@ def load_stage_weights(path: str, model: list, run) -> None:
     for chunk_key, name, rows in resized:
         state[chunk_key][name] = interpolate_pos_embed(state[chunk_key][name], int(rows ** 0.5))
     for i, chunk in enumerate(model):
-        checkpoint._unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from ov2_megatron.models.token_drop import keep_indices
 
@@ -61,7 +62,7 @@ def forward_step(data_iterator, model):
     sums = model(batch.images, batch.tokens, batch.keep_idx)
 
     def loss_func(out):
-        weight = _unwrap(model).loss_weight
+        weight = unwrap_model(model).loss_weight
         loss = weight * out["loss_sum"]
         report = torch.stack([out["loss_sum"].detach().double(), out["num_tokens"].double(),
                               out["correct"].double()])
@@ -90,9 +91,3 @@ def run_schedule(chunks: list, batches: list[MicroBatch], geom, micro_batch: int
         totals = totals.cuda()
     dist.all_reduce(totals)
     return totals.cpu()
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module

@@ -64,6 +64,7 @@ def randomize(chunk) -> None:
 def save_rank(output_dir: str, tp: int, pp: int, extra=()) -> str:
     """Run on tp*pp harness ranks: build, randomize and save through checkpoint.save."""
     import torch.distributed as dist
+    from megatron.core.utils import unwrap_model
 
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize
     from ov2_megatron.training import checkpoint, loop
@@ -74,7 +75,7 @@ def save_rank(output_dir: str, tp: int, pp: int, extra=()) -> str:
     initialize(ParallelLayout(tp, pp), seed=run.train.seed)
     model, optimizer, scheduler = loop.build_model_and_optimizer(run, geom, "local")
     for chunk in model:
-        randomize(checkpoint._unwrap(chunk))
+        randomize(unwrap_model(chunk))
     root = os.path.join(output_dir, "checkpoints")
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ov2_megatron.parallel.initialize import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue",
            "sinfo")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -50,12 +52,6 @@ def unavailable_reason() -> str | None:
     except KeyError:
         return "no 'munge' user (the munge package creates it)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:
@@ -130,8 +126,8 @@ class SlurmCluster:
         return "\n".join([
             "ClusterName=ov2test",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={munge_socket},cred_expire=10",

@@ -94,8 +94,10 @@ def test_crash_during_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path
 
 
 def weights_after_restore(output_dir: str, tp: int, pp: int):
+    from megatron.core.utils import unwrap_model
+
     from ov2_megatron.models import state_dict_adapter
-    from ov2_megatron.training import checkpoint, loop
+    from ov2_megatron.training import loop
     from tests.distributed import tp_gather
 
     run = tiny(output_dir, [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
@@ -103,7 +105,7 @@ def weights_after_restore(output_dir: str, tp: int, pp: int):
     step, _ = loop._restore(run, model, optimizer, scheduler, geom)
     state = {}
     for chunk in model:
-        inner = checkpoint._unwrap(chunk)
+        inner = unwrap_model(chunk)
         state.update(state_dict_adapter.to_standard(tp_gather.full_state(inner), inner.plan,
                                                     4, 4, run.model.decoder.vocab_size))
     return step, state

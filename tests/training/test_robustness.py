@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.harness import DistributedFailure, run_distributed
-from tests.training.test_resume import dataset_cache, losses, tiny  # noqa: F401 (fixture)
+from tests.training.test_resume import dataset_cache, tiny  # noqa: F401 (fixture)
 
 
 def nan_at_steps_2_and_3(output_dir: str):
@@ -53,9 +53,11 @@ def test_nonfinite_losses_skip_steps_then_stop_with_last_good_checkpoint(tmp_pat
 
 
 def stage_two_from_stage_one(stage1: str, stage2: str):
+    from megatron.core.utils import unwrap_model
+
     from ov2_megatron.models import state_dict_adapter
     from ov2_megatron.models.vision_encoder import interpolate_pos_embed
-    from ov2_megatron.training import checkpoint, loop
+    from ov2_megatron.training import loop
     from tests.distributed import tp_gather
 
     learned = ["model.vision.pos_embed=learned", "model.vision.image_size=32",
@@ -63,7 +65,7 @@ def stage_two_from_stage_one(stage1: str, stage2: str):
     loop.train(tiny(stage1, [*learned, "train.steps=1"]))
 
     def standard(model, vocab):
-        inner = checkpoint._unwrap(model[0])
+        inner = unwrap_model(model[0])
         return state_dict_adapter.to_standard(tp_gather.full_state(inner), inner.plan, 4, 4, vocab)
 
     from ov2_megatron.parallel.initialize import shutdown
