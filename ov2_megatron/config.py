@@ -2,9 +2,12 @@
 
 Every check that can fail before compute lives in `validate_model()`, and each error names
 the field and the fix. `SequenceGeometry` resolves the sequence lengths the model actually
-runs with, including the alignment that sequence parallelism and FP8 need: the ViT sequence
-is padded with extra register tokens and the decoder's kept-token count is rounded up, never
-down, so no data is silently dropped. `geometry.notes` says what was changed.
+runs with, including the alignment that sequence parallelism and FP8 need. Alignment never
+changes the function: both sequences get trailing padding positions that no real token
+attends to (a key-padding mask in the ViT; in the decoder the causal mask already hides
+later positions), whose outputs are dropped, and which hold no parameters. So the same
+weights compute the same loss at every TP/SP/FP8 layout and checkpoints move between them.
+`geometry.notes` says what was padded.
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ class VisionConfig:
     in_channels: int = 3
     """Image channels."""
     class_token: bool = True
-    """Prepend a learned CLS token (the reference does; its output is the pooled feature)."""
+    """Prepend a learned CLS token, as the official ViT does (it takes part in attention; the
+    pooled feature is LN(mean of the patch tokens), not its output)."""
     num_registers: int = 0
-    """Learned register tokens after CLS (more may be added to align the sequence)."""
+    """Learned register tokens after CLS (the official model has none)."""
     pos_embed: str = "sincos"
     """'sincos' (fixed 2-D table, re-generated at any resolution) or 'learned' (interpolated)."""
     keep_ratio: float = 0.35
     """Fraction of patch tokens the decoder sees (released OpenVision 2 script: 0.35)."""
+    gelu_approximate: str = "none"
+    """GELU of the ViT MLP, torch's `approximate` argument: 'none' is the exact (erf) GELU
+    of the official ViT (flax `nn.gelu(approximate=False)`); 'tanh' the approximation."""
 
     def shape(self) -> tuple[TransformerShape, int]:
         base, patch = vit_shape(self.variant)
@@ -72,7 +79,9 @@ class DecoderConfig:
     to 128 x TP, which changes the tensor shapes with TP and so breaks moving checkpoints
     between TP sizes; a fixed multiple keeps them portable. Must be divisible by TP."""
     caption_length: int = 128
-    """Tokens per caption incl. BOS/EOS; the decoder reads caption_length - 1 of them."""
+    """Token slots per caption, the official layout: BOS, pieces, EOS and PAD in the first
+    caption_length - 1 slots (which the decoder reads), then one more PAD; so at most
+    caption_length - 2 targets are supervised (126 at the official 128)."""
     pad_id: int = 0
     """Padding token id: labels equal to it carry no loss."""
     mask: str = "causal"
@@ -81,6 +90,9 @@ class DecoderConfig:
     """'none' (the reference: order comes from the causal mask) or 'learned'."""
     loss_weight: float = 2.0
     """Scale of the caption cross-entropy (reference: 2.0)."""
+    gelu_approximate: str = "tanh"
+    """GELU of the decoder MLP: 'tanh', as the official decoder (flax `nn.gelu`'s default
+    approximation), or 'none' (exact erf)."""
 
     def shape(self) -> TransformerShape:
         base = decoder_shape(self.variant)
@@ -117,17 +129,24 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class SequenceGeometry:
-    """The sequence lengths the model runs with, after alignment."""
+    """The sequence lengths the model runs with, after alignment padding."""
 
     num_patches: int
-    num_registers: int  # configured + alignment padding
+    num_registers: int  # as configured: alignment never adds parameters
     vit_prefix: int  # CLS + registers, removed before token dropping
-    vit_seq: int
-    num_kept: int  # patch tokens the decoder sees
+    vit_tokens: int  # prefix + patches: the real ViT tokens
+    vit_seq: int  # vit_tokens + trailing padding positions (masked out as keys)
+    num_kept: int  # patch tokens the decoder sees in training
     text_len: int  # caption_length - 1
-    decoder_seq: int  # num_kept + text_len
+    decoder_tokens: int  # num_kept + text_len: the real decoder positions
+    decoder_seq: int  # decoder_tokens + trailing padding positions (after the text)
+    alignment: int  # both sequences are padded to a multiple of this
     padded_vocab: int
     notes: tuple[str, ...]
+
+    def padding(self, tokens: int) -> int:
+        """Trailing padding positions that align a sequence of `tokens` real positions."""
+        return -tokens % self.alignment
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -135,41 +154,38 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+FP8_TOKEN_ALIGNMENT = 16  # FP8 GEMMs need token counts that are multiples of 16
+
+
 def sequence_alignment(model: ModelConfig, parallel: ParallelConfig) -> int:
     align = parallel.tensor if parallel.sequence_parallel else 1
     if model.fp8:
-        align = math.lcm(align, 16)  # FP8 GEMMs need token counts that are multiples of 16
+        align = math.lcm(align, FP8_TOKEN_ALIGNMENT)
     return align
 
 
-def geometry(model: ModelConfig, parallel: ParallelConfig) -> SequenceGeometry:
+def geometry(model: ModelConfig, parallel: ParallelConfig,
+             alignment: int | None = None) -> SequenceGeometry:
+    """Sequence lengths for `model` at `parallel`; `alignment` overrides the one the layout
+    needs (tests run FP8's alignment of 16 on CPU, where FP8 itself cannot run)."""
     vision, decoder = model.vision, model.decoder
     _, patch = vision.shape()
     num_patches = (vision.image_size // patch) ** 2
-    align = sequence_alignment(model, parallel)
-    notes = []
-    registers = vision.num_registers
-    prefix = int(vision.class_token) + registers
-    pad = -(prefix + num_patches) % align
-    if pad:
-        registers += pad
-        notes.append(f"{pad} register tokens added so the ViT sequence "
-                     f"({prefix + num_patches} -> {prefix + num_patches + pad}) divides by {align}")
-    prefix = int(vision.class_token) + registers
+    align = alignment or sequence_alignment(model, parallel)
+    prefix = int(vision.class_token) + vision.num_registers
+    vit_tokens = prefix + num_patches
     kept = max(1, int(num_patches * vision.keep_ratio))
     text_len = decoder.caption_length - 1
-    extra = -(kept + text_len) % align
-    if extra:
-        if kept + extra > num_patches:
-            raise ValueError(
-                f"vision.keep_ratio {vision.keep_ratio}: the decoder sequence cannot be aligned "
-                f"to {align} by keeping more of the {num_patches} patches; change "
-                f"decoder.caption_length ({decoder.caption_length}) or the keep ratio")
-        notes.append(f"kept tokens rounded up {kept} -> {kept + extra} so the decoder "
-                     f"sequence ({kept + text_len}) divides by {align}")
-        kept += extra
-    return SequenceGeometry(num_patches, registers, prefix, prefix + num_patches, kept,
-                            text_len, kept + text_len,
+    decoder_tokens = kept + text_len
+    vit_seq = vit_tokens + -vit_tokens % align
+    decoder_seq = decoder_tokens + -decoder_tokens % align
+    notes = [f"{name} sequence padded {real} -> {padded} (a multiple of {align}) with "
+             "positions no real token attends to"
+             for name, real, padded in (("ViT", vit_tokens, vit_seq),
+                                        ("decoder", decoder_tokens, decoder_seq))
+             if padded != real]
+    return SequenceGeometry(num_patches, vision.num_registers, prefix, vit_tokens, vit_seq,
+                            kept, text_len, decoder_tokens, decoder_seq, align,
                             padded_vocab_size(decoder.vocab_size, decoder.vocab_pad_multiple),
                             tuple(notes))
 
@@ -191,10 +207,15 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
            f"vision width {vit.width} must be a multiple of 4 for the sin-cos position table")
     _check(decoder.mask in ("causal", "prefix"),
            f"decoder.mask {decoder.mask!r}: use 'causal' or 'prefix'")
+    for name, approximate in (("vision", vision.gelu_approximate),
+                              ("decoder", decoder.gelu_approximate)):
+        _check(approximate in ("none", "tanh"),
+               f"{name}.gelu_approximate {approximate!r}: use 'none' (exact) or 'tanh'")
     _check(decoder.pos_embed in ("none", "learned"),
            f"decoder.pos_embed {decoder.pos_embed!r}: use 'none' or 'learned'")
-    _check(decoder.caption_length >= 2,
-           f"decoder.caption_length {decoder.caption_length} must be at least 2 (BOS + EOS)")
+    _check(decoder.caption_length >= 4,
+           f"decoder.caption_length {decoder.caption_length} must be at least 4 (BOS, a "
+           "piece, EOS and the trailing PAD slot)")
     _check(0 <= decoder.pad_id < decoder.vocab_size,
            f"decoder.pad_id {decoder.pad_id} outside the vocabulary [0, {decoder.vocab_size})")
     for name, shape in (("vision", vit), ("decoder", dec)):

@@ -52,14 +52,16 @@ def dry_run(run, world_size: int) -> None:
                                       geom.num_registers, run.model.vision.pos_embed == "learned")
     decoder = decoder_parameter_count(
         run.model.decoder.shape(), vit.width, geom.padded_vocab,
-        geom.decoder_seq if run.model.decoder.pos_embed == "learned" else 0)
+        geom.decoder_tokens if run.model.decoder.pos_embed == "learned" else 0)
     p = run.parallel
     print(run.to_json())
     print(f"layout: world {world_size} = TP {p.tensor} x PP {p.pipeline} x DP "
           f"{world_size // (p.tensor * p.pipeline)}; VPP {p.virtual_pipeline}; SP "
           f"{p.sequence_parallel}")
     print(f"sequences: ViT {geom.vit_seq} ({geom.num_patches} patches + {geom.vit_prefix} "
-          f"prefix), decoder {geom.decoder_seq} ({geom.num_kept} kept + {geom.text_len} text)")
+          f"prefix + {geom.vit_seq - geom.vit_tokens} padding), decoder {geom.decoder_seq} "
+          f"({geom.num_kept} kept + {geom.text_len} text + "
+          f"{geom.decoder_seq - geom.decoder_tokens} padding)")
     for note in geom.notes:
         print(f"alignment: {note}")
     print(f"parameters: encoder {encoder:,}, decoder {decoder:,}, total {encoder + decoder:,}")

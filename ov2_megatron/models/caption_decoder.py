@@ -2,6 +2,12 @@
 and the vocabulary head with the caption loss. The layers between are megatron
 TransformerBlocks (stage_block.py) with a causal or prefix mask.
 
+The decoder sequence is [k kept image tokens; t caption tokens; alignment padding]. The
+decoder receives the *raw* output of the last ViT block (no LayerNorm on that path: the
+official model normalises only the pooled feature). Padding comes last, so under the causal
+(or prefix) mask no real position ever attends to it; the head reads positions [k, k + t)
+only. k is read from the kept indices of each call, so evaluation may keep every patch.
+
 Tensor-parallel reasoning (why each collective is where it is):
 - The boundary runs replicated on every TP rank: under SP it first all-gathers the encoder
   sequence (its backward only splits, because the replicated computation after it gives every
@@ -40,8 +46,8 @@ class CaptionInput(MegatronModule):
             geom.padded_vocab, config.hidden_size, init_method=config.init_method, config=config)
         self.pos_embed = None
         if decoder.pos_embed == "learned":
-            self.pos_embed = torch.nn.Parameter(
-                torch.zeros(geom.decoder_seq, config.hidden_size, dtype=config.params_dtype))
+            self.pos_embed = torch.nn.Parameter(  # real positions only: padding gets none
+                torch.zeros(geom.decoder_tokens, config.hidden_size, dtype=config.params_dtype))
             config.init_method(self.pos_embed.data)
 
     def forward(self, encoded: torch.Tensor, tokens: torch.Tensor,
@@ -54,7 +60,13 @@ class CaptionInput(MegatronModule):
         text = self.token_embedding(tokens[:, :-1]).transpose(0, 1)  # [t, b, d]
         x = torch.cat([image, text.to(image.dtype)])  # [k + t, b, d]
         if self.pos_embed is not None:
+            if x.shape[0] != self.pos_embed.shape[0]:
+                raise ValueError(f"{kept.shape[0]} kept tokens: learned decoder positions "
+                                 f"cover {self.geom.num_kept}; keep that many")
             x = x + self.pos_embed.unsqueeze(1)
+        padding = self.geom.padding(x.shape[0])
+        if padding:
+            x = torch.cat([x, x.new_zeros(padding, *x.shape[1:])])  # [s_dec, b, d]
         if self.config.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [(k + t)/tp, b, d]
         return x.contiguous()
@@ -72,12 +84,12 @@ class CaptionHead(MegatronModule):
             config.hidden_size, geom.padded_vocab, config=head_config,
             init_method=config.init_method, bias=False, gather_output=False)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, num_image: int) -> torch.Tensor:
         """[s_dec(/tp), b, d] -> vocab-parallel logits at text positions [t, b, v/tp]."""
         if self.config.sequence_parallel:
             hidden = mappings.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)  # [s_dec, b, d]
-        logits, _ = self.head(hidden[self.geom.num_kept:])
+        logits, _ = self.head(hidden[num_image:num_image + self.geom.text_len])
         return self._mask_vocab_padding(logits)
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
@@ -92,8 +104,9 @@ class CaptionHead(MegatronModule):
         ids = torch.arange(start, start + local, device=logits.device)
         return logits.masked_fill(ids >= self.vocab_size, float("-inf"))
 
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.logits(hidden).float()  # [t, b, v/tp]
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor,
+                num_image: int) -> dict[str, torch.Tensor]:
+        logits = self.logits(hidden, num_image).float()  # [t, b, v/tp]
         labels = tokens[:, 1:].t().contiguous()  # [t, b]
         token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [t, b]
         mask = labels != self.pad_id

@@ -16,7 +16,9 @@ FLOPs, not model FLOPs): 'full' adds every layer's forward, 'selective' (megatro
 the core attention) adds the 4 s^2 h score/value matmuls of every layer. The embedding,
 projection and head sit outside the blocks and are never recomputed.
 Norms, softmax, GELU and the loss are O(s h) and left out (<1%); tests/perf checks the total
-against torch.utils.flop_counter on the real megatron model within 2%.
+against torch.utils.flop_counter on the real megatron model within 2%. Sequence lengths are
+the real tokens: alignment padding (SP/FP8) is executed but is not useful work, so it is not
+in the model FLOPs MFU is measured by.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ def flop_breakdown(model: ModelConfig, geom: SequenceGeometry) -> FlopBreakdown:
     dec = model.decoder.shape()
     return FlopBreakdown(
         embed=2 * geom.num_patches * model.vision.in_channels * patch * patch * vit.width,
-        encoder=vit.depth * layer_flops(vit, geom.vit_seq),
-        encoder_attention=vit.depth * 4 * geom.vit_seq ** 2 * vit.width,
+        encoder=vit.depth * layer_flops(vit, geom.vit_tokens),
+        encoder_attention=vit.depth * 4 * geom.vit_tokens ** 2 * vit.width,
         projection=2 * geom.num_kept * vit.width * dec.width,
-        decoder=dec.depth * layer_flops(dec, geom.decoder_seq),
-        decoder_attention=dec.depth * 4 * geom.decoder_seq ** 2 * dec.width,
+        decoder=dec.depth * layer_flops(dec, geom.decoder_tokens),
+        decoder_attention=dec.depth * 4 * geom.decoder_tokens ** 2 * dec.width,
         head=2 * geom.text_len * dec.width * geom.padded_vocab)
 
 

@@ -9,7 +9,7 @@ models/openvision2.py (embedding, ViT block, caption input, decoder block, capti
 megatron layers) plus a causal text encoder, shaped like the caption decoder as in the
 OpenVision recipes:
 
-    images -> ViT -> CLS -> linear -> e_img ---------\
+    images -> ViT -> LN(mean of patches) -> linear -> e_img --\
     captions -> embed + positions -> text layers ->   > CLIP loss (in-batch, learned scale)
                 EOS token -> linear -> e_txt --------/
     ViT tokens (all N) -> caption decoder -> caption loss (x loss_weight, as in OpenVision 2)
@@ -75,6 +75,7 @@ class OpenVision1(MegatronModule):
                                 StagePlan((0, vit.depth), (0, dec.depth), True, True, True),
                                 "local", params_dtype)
         super().__init__(config=captioner.config)
+        captioner.pooled_norm.requires_grad_(True)  # v1's contrastive loss trains the pooled feature
         self.geom, self.loss_weight = geom, all_tokens.decoder.loss_weight
         self.captioner = captioner
         self.text_encoder = TextEncoder(text, all_tokens, geom, params_dtype)
@@ -89,12 +90,14 @@ class OpenVision1(MegatronModule):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.captioner
         encoded = c.vision_layers(c.embedding(images), attention_mask=None)  # [s, b, w]
-        every = torch.arange(self.geom.num_patches, device=tokens.device)
-        keep_all = every.expand(tokens.shape[0], -1)  # [b, N] in patch order
+        n = self.geom.num_patches
+        keep_all = torch.arange(n, device=tokens.device).expand(tokens.shape[0], -1)  # [b, N]
         x = c.caption_input(encoded, tokens, keep_all)  # [N + T, b, d]
-        sums = c.head(c.decoder_layers(x, attention_mask=c._decoder_mask(x)), tokens)
+        sums = c.head(c.decoder_layers(x, attention_mask=c._decoder_mask(x, n)), tokens, n)
         caption = sums["loss_sum"] / sums["num_tokens"].clamp(min=1)
-        image = F.normalize(self.image_projection(encoded[0]), dim=-1)  # CLS: [b, e]
+        patches = encoded[self.geom.vit_prefix:self.geom.vit_tokens]  # [N, b, w]
+        pooled = c.pooled_norm(patches.mean(dim=0))  # [b, w], the official pooled feature
+        image = F.normalize(self.image_projection(pooled), dim=-1)  # [b, e]
         text = F.normalize(self.text_projection(self.text_encoder(tokens)), dim=-1)  # [b, e]
         logits = self.logit_scale.exp() * image @ text.t()  # [b, b], matches on the diagonal
         target = torch.arange(logits.shape[0], device=logits.device)

@@ -2,7 +2,10 @@
 TransformerConfig each stack is built with.
 
 Both specs build the same pre-LN layer (LN -> self-attention -> residual, LN -> GELU MLP ->
-residual, biases on). The local spec uses megatron's own parallel linears and torch
+residual, biases on), with the GELU each tower's config names: exact (erf) in the ViT,
+tanh-approximated in the decoder, as the official model. The activation is chosen here for
+both specs and for the fused and unfused kernels alike, so CPU, GPU-local and TE runs compute
+the same function. The local spec uses megatron's own parallel linears and torch
 LayerNorm (CPU and plain GPU); the TE spec fuses each LayerNorm into the following linear
 and is required for FP8. Their checkpoints are interchangeable: the local spec maps its norm
 names onto TE's fused names in the sharded state dict (as megatron's GPT specs do).
@@ -119,14 +122,34 @@ def _te_layer_spec(mask: AttnMaskType) -> ModuleSpec:
     )
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (flax's `nn.gelu` default, the official decoder's)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def _activation(gelu_approximate: str, fused: bool) -> dict:
+    """megatron's MLP fuses bias + activation only when `activation_func is F.gelu`, and its
+    fused kernel (fusions/fused_bias_gelu.py) is the *tanh* form. So the fusion may serve a
+    tanh stack, never an exact one: with it, an exact-GELU ViT would silently become tanh."""
+    if gelu_approximate == "tanh":
+        if fused:
+            return dict(activation_func=F.gelu, bias_activation_fusion=True)
+        return dict(activation_func=gelu_tanh, bias_activation_fusion=False)
+    return dict(activation_func=F.gelu, bias_activation_fusion=False)  # exact (erf) GELU
+
+
 def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
                  parallel: ParallelConfig, params_dtype: torch.dtype,
-                 recompute: str = "none") -> TransformerConfig:
+                 recompute: str = "none", gelu_approximate: str = "none",
+                 fused_kernels: bool | None = None) -> TransformerConfig:
     """TransformerConfig for one stage's stack of `num_layers` layers.
 
     Pipeline placement is ours (pipeline_split.py), so each stack is built as a one-stage
-    model; the schedules get `schedule_config()` instead."""
+    model; the schedules get `schedule_config()` instead. `fused_kernels` (default: on where
+    CUDA is) turns on megatron's fused bias-activation, bias-dropout-add and masked-softmax
+    kernels; the tests turn them on on CPU too, where they run as torch.compile'd code."""
     on_gpu = torch.cuda.is_available()
+    fused = on_gpu if fused_kernels is None else fused_kernels
     fp8_kwargs = {}
     if model.fp8 == "nvfp4":
         fp8_kwargs = dict(fp4="e2m1", fp4_recipe="nvfp4")
@@ -140,7 +163,6 @@ def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
         num_attention_heads=shape.num_heads,
         layernorm_epsilon=model.layernorm_eps,
         init_method_std=model.init_std,
-        activation_func=F.gelu,  # exact (erf) GELU, as the reference
         add_bias_linear=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -150,12 +172,13 @@ def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        # The fused kernels are CUDA-only; their unfused forms are numerically the same.
-        bias_activation_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # The fused kernels compute the same function as their unfused forms (the activation
+        # is handled by _activation).
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
         apply_rope_fusion=False,
         attention_softmax_in_fp32=True,
+        **_activation(gelu_approximate, fused),
         **_recompute_kwargs(recompute),
         **fp8_kwargs,
     )

@@ -2,7 +2,8 @@
 
 Standard layout (the one the pure-PyTorch reference in tests/ uses and the timm / Hugging Face
 exporters start from): `vision.blocks.{i}.attn.qkv.weight` is [3w, w] with rows [q; k; v],
-LayerNorms are `ln1`/`ln2`, the MLP is `fc1`/`fc2`, the vocabulary is unpadded.
+LayerNorms are `ln1`/`ln2`, the MLP is `fc1`/`fc2`, `vision.norm` is the LayerNorm of the
+pooled feature (official `encoder_norm`), the vocabulary is unpadded.
 
 Megatron differences handled here: fused QKV rows interleaved per head ([heads, (q,k,v), d]),
 layer indices local to a pipeline chunk, and vocabulary rows padded for TP.
@@ -33,8 +34,8 @@ _OTHER = {
     "embedding.cls_token": "vision.cls_token",
     "embedding.registers": "vision.registers",
     "embedding.pos_embed": "vision.pos_embed",
-    "vision_layers.final_layernorm.weight": "vision.norm.weight",
-    "vision_layers.final_layernorm.bias": "vision.norm.bias",
+    "pooled_norm.weight": "vision.norm.weight",  # on the pooled feature only
+    "pooled_norm.bias": "vision.norm.bias",
     "caption_input.projection.weight": "decoder.img_proj.weight",
     "caption_input.token_embedding.weight": "decoder.tok_embed.weight",
     "caption_input.pos_embed": "decoder.pos_embed",

@@ -1,9 +1,11 @@
 """ViT input: patch embedding, position embedding, CLS and register tokens.
 
 images [b, c, H, W] -> tokens [s, b, w] (sequence-first, megatron's layout), with
-s = CLS + registers + patches. Patch tokens get the fixed 2-D sin-cos table of big_vision
-(or a learned table); CLS and registers get none. The layers themselves are megatron
-TransformerBlocks (stage_block.py) with no attention mask.
+s = CLS + registers + patches + alignment padding. Patch tokens get the fixed 2-D sin-cos
+table of big_vision (or a learned table); CLS and registers get none. The layers themselves
+are megatron TransformerBlocks (stage_block.py); they need an attention mask only when the
+sequence carries padding (SP/FP8 alignment): `key_padding_mask` hides the padding positions
+as keys, so every real token computes exactly what it computes without them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class VisionEmbedding(MegatronModule):
                  patch_size: int):
         super().__init__(config=config)
         width = config.hidden_size
+        self.geom = geom
         self.image_size, self.patch_size = vision.image_size, patch_size
         self.in_channels, self.pos_kind = vision.in_channels, vision.pos_embed
         self.patch_embed = torch.nn.Conv2d(vision.in_channels, width, patch_size, patch_size,
@@ -70,8 +73,9 @@ class VisionEmbedding(MegatronModule):
         return interpolate_pos_embed(self.pos_embed, grid)
 
     def forward(self, images: torch.Tensor, any_resolution: bool = False) -> torch.Tensor:
-        """[b, c, H, W] -> [s(/tp), b, w]. Training needs the configured resolution (the
-        sequence geometry depends on it); feature extraction may use any multiple of the patch."""
+        """[b, c, H, W] -> [s(/tp), b, w], s = prefix + patches + padding. Training needs the
+        configured resolution (the sequence geometry depends on it); feature extraction may use
+        any multiple of the patch."""
         self._check(images, any_resolution)
         patches = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # [b, w, g, g]
         grid = patches.shape[-1]
@@ -80,10 +84,18 @@ class VisionEmbedding(MegatronModule):
         prefix = [t for t in (self.cls_token, self.registers) if t is not None]
         if prefix:
             tokens = torch.cat([t.reshape(-1, t.shape[-1]) for t in prefix])  # [p, w]
-            x = torch.cat([tokens.unsqueeze(1).expand(-1, x.shape[1], -1), x])  # [s, b, w]
+            x = torch.cat([tokens.unsqueeze(1).expand(-1, x.shape[1], -1), x])  # [p + n, b, w]
+        padding = self.geom.padding(x.shape[0])
+        if padding:  # zeros: finite through every layer, and no real token attends to them
+            x = torch.cat([x, x.new_zeros(padding, *x.shape[1:])])  # [s, b, w]
         if self.config.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [s/tp, b, w]
         return x
+
+    def real_tokens(self, images: torch.Tensor) -> int:
+        """Real (unpadded) tokens of the sequence `forward(images)` returns."""
+        grid = images.shape[-1] // self.patch_size
+        return self.geom.vit_prefix + grid * grid
 
     def _check(self, images: torch.Tensor, any_resolution: bool) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
@@ -97,3 +109,16 @@ class VisionEmbedding(MegatronModule):
             raise ValueError(f"images of {h}x{w} px: expected square images whose side is a "
                              f"multiple of the patch size {self.patch_size} "
                              f"(configured vision.image_size {self.image_size})")
+
+
+def key_padding_mask(real: int, seq: int, batch: int, impl: str,
+                     device: torch.device) -> torch.Tensor | None:
+    """Attention mask (True = hidden) that hides positions [real, seq) as keys, or None when
+    there are none. Transformer Engine's 'padding' mask type takes [b, 1, 1, s]; megatron's
+    local softmax (torch and fused CUDA kernels alike) takes a [1, 1, s, s] mask."""
+    if real == seq:
+        return None
+    hidden = torch.arange(seq, device=device) >= real  # [s]
+    if impl == "transformer_engine":
+        return hidden.view(1, 1, 1, seq).expand(batch, 1, 1, seq).contiguous()
+    return hidden.view(1, 1, 1, seq).expand(1, 1, seq, seq).contiguous()

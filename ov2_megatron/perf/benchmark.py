@@ -51,10 +51,10 @@ def _sync() -> None:
 def synthetic_captions(batch: int, length: int, vocab: int, pad_id: int,
                        gen: torch.Generator) -> torch.Tensor:
     """[b, L] ids in [1, vocab) avoiding pad_id, with PAD tails of varying length (half to
-    all of L is text), like tokenised captions."""
+    L - 1 of L is text; the last slot is always PAD), like tokenised captions."""
     tokens = torch.randint(1, vocab, (batch, length), generator=gen)
     tokens[tokens == pad_id] = (pad_id + 1) % vocab or 1
-    lengths = torch.randint(length // 2, length + 1, (batch,), generator=gen)
+    lengths = torch.randint(length // 2, length, (batch,), generator=gen)
     tokens[torch.arange(length) >= lengths[:, None]] = pad_id
     return tokens
 

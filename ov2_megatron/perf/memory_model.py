@@ -149,7 +149,7 @@ def chunk_parameters(plan: StagePlan, model: ModelConfig, geom: SequenceGeometry
     count += plan.num_vit_layers * layer_parameters(vit, tp)
     if plan.has_boundary:
         count += 2 * w + w * d + geom.padded_vocab * d // tp
-        count += geom.decoder_seq * d if model.decoder.pos_embed == "learned" else 0
+        count += geom.decoder_tokens * d if model.decoder.pos_embed == "learned" else 0
     count += plan.num_decoder_layers * layer_parameters(dec, tp)
     if plan.has_head:
         count += 2 * d + geom.padded_vocab * d // tp
@@ -231,8 +231,9 @@ def chunk_activations(plan: StagePlan, model: ModelConfig, geom: SequenceGeometr
         transient = max(transient, layer_backward_transient(vit, s_v, b, parallel, e, profile,
                                                             recompute))
     if plan.has_boundary:
-        parts["boundary"] = (_final_norm_saved(s_v, b, w, e, f)  # encoder final norm
-                             + geom.num_kept * b * w * e)  # projection input
+        # The decoder reads the raw last-block output: the boundary keeps only the
+        # projection's input (the token gather's backward needs indices, not values).
+        parts["boundary"] = geom.num_kept * b * w * e
     if plan.num_decoder_layers:
         per = layer_activations(dec, s_d, b, parallel, e, profile, recompute)
         parts["decoder_layers"] = plan.num_decoder_layers * per

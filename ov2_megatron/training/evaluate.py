@@ -27,6 +27,14 @@ def _eval_batches(run, shards: str, limit: int):
     return list(itertools.islice(iter(loader), limit))
 
 
+def eval_keep_indices(run, geom, index: torch.Tensor) -> torch.Tensor:
+    """[b] sample positions -> [b, k] kept patches: the training draw (the official code
+    drops tokens at evaluation too), or every patch with train.eval_token_drop off."""
+    if run.train.eval_token_drop:
+        return keep_indices(index, geom.num_patches, geom.num_kept, run.train.seed)
+    return torch.arange(geom.num_patches).expand(len(index), -1)
+
+
 def validation(run, model, geom, logger, step: int) -> dict:
     for chunk in model:
         chunk.eval()
@@ -37,7 +45,7 @@ def validation(run, model, geom, logger, step: int) -> dict:
         for n, item in enumerate(items):
             size = item["images"].shape[0]
             index = torch.arange(size) + n * size
-            keep = keep_indices(index, geom.num_patches, geom.num_kept, run.train.seed).to(device)
+            keep = eval_keep_indices(run, geom, index).to(device)
             images, tokens = item["images"].to(device), item["tokens"].to(device)
             totals += run_schedule(model, [MicroBatch(images, tokens, keep)], geom, size, True)
             # The same captions paired with other images: how much the loss owes to pixels.
@@ -58,7 +66,7 @@ def _show_captions(run, model, geom, item, logger, step: int) -> None:
     tokenizer = CaptionTokenizer.from_file(run.data.tokenizer_model)
     count = min(run.train.num_generate, item["images"].shape[0])
     images = item["images"][:count].to(local_device())
-    keep = keep_indices(torch.arange(count), geom.num_patches, geom.num_kept, run.train.seed)
+    keep = eval_keep_indices(run, geom, torch.arange(count))
     ids = greedy_captions(unwrap_model(model[0]), images, keep.to(images.device),
                           tokenizer.bos_id, tokenizer.eos_id, run.model.decoder.caption_length)
     lines = []

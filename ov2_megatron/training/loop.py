@@ -65,13 +65,15 @@ def setup(run: RunConfig):
     return (geom, impl, *build_model_and_optimizer(run, geom, impl))  # 4
 
 
-def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str = "local"):
+def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str = "local",
+                              fused_kernels: bool | None = None):
     """Chunks -> GPU -> megatron DDP -> distributed optimizer + schedule, with the schedule
-    hooks megatron's pipeline functions call (grad finalisation, loss scaling, no_sync)."""
+    hooks megatron's pipeline functions call (grad finalisation, loss scaling, no_sync).
+    `fused_kernels` as in models/specs.stack_config (default: where CUDA is)."""
     p = run.parallel
     dtype = torch.bfloat16 if run.train.precision == "bf16" else torch.float32
     chunks = build_chunks(run.model, p, geom, impl, dtype, init_seed=run.train.seed,
-                          recompute=run.train.recompute)
+                          recompute=run.train.recompute, fused_kernels=fused_kernels)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True,
         overlap_grad_reduce=torch.cuda.is_available())

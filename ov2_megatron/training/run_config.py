@@ -52,6 +52,9 @@ class TrainConfig:
     eval_interval: int = 0
     """Validation every N steps (0: only at the end)."""
     eval_batches: int = 8
+    eval_token_drop: bool = True
+    """Validation and generated captions see the kept-token subset, as the official code
+    evaluates; false feeds every patch token to the decoder instead."""
     max_nonfinite: int = 5
     """Consecutive non-finite losses that stop the run (each one skips its step)."""
     num_generate: int = 4
@@ -155,6 +158,9 @@ def validate_run(run: RunConfig, world_size: int,
         (run.data.resolution == run.model.vision.image_size,
          f"data.resolution {run.data.resolution} != model.vision.image_size "
          f"{run.model.vision.image_size}: set both to the stage's resolution"),
+        (t.eval_token_drop or run.model.decoder.pos_embed == "none",
+         "train.eval_token_drop=false feeds every patch to the decoder, but learned decoder "
+         "positions (model.decoder.pos_embed) only cover the kept tokens: keep token drop"),
         (run.data.caption_length == run.model.decoder.caption_length,
          f"data.caption_length {run.data.caption_length} != model.decoder.caption_length "
          f"{run.model.decoder.caption_length}"),

@@ -29,7 +29,7 @@ def full_state(module: torch.nn.Module, grads: bool = False) -> dict[str, torch.
     for name, param in module.named_parameters():
         grad = getattr(param, "main_grad", None) if grads else None
         if grads and grad is None:
-            grad = param.grad
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)  # frozen
         out[name] = full_tensor(param, grad if grads else None)
     return out
 

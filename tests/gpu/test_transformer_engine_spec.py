@@ -1,5 +1,8 @@
 """GPU only: the Transformer Engine layer spec computes the same model as the local spec
-(same weights, bf16 tolerance), and an FP8 (tensorwise) step runs where TE supports it."""
+(same weights, bf16 tolerance), also when FP8's alignment pads the TE model's sequences (TE's
+'padding' mask) and the local one runs unpadded, and an FP8 (tensorwise) step runs where TE
+supports it. Both use the GPU flags (fused kernels on), so the GELU of each stack is the one
+tests/model/test_activation.py proves on CPU."""
 
 import pytest
 import torch
@@ -9,8 +12,8 @@ from tests.harness import run_distributed
 pytestmark = pytest.mark.gpu
 
 
-def te_vs_local(fp8: str | None):
-    from ov2_megatron.config import ParallelConfig, validate_model
+def te_vs_local(fp8: str | None, align: int | None = None):
+    from ov2_megatron.config import ParallelConfig, geometry, validate_model
     from ov2_megatron.models import specs
     from ov2_megatron.models.openvision2 import build_chunks
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize
@@ -26,6 +29,9 @@ def te_vs_local(fp8: str | None):
         cfg.fp8 = fp8 if impl == "transformer_engine" else None
         # FP8 needs 16-aligned widths: the tiny shape is 64/48 wide, 128/96 MLP.
         geom = validate_model(cfg, ParallelConfig(), torch.cuda.get_device_capability())
+        if impl == "transformer_engine" and align:
+            geom = geometry(cfg, ParallelConfig(), alignment=align)
+            assert geom.vit_seq > geom.vit_tokens and geom.decoder_seq > geom.decoder_tokens
         torch.manual_seed(0)
         (model,) = build_chunks(cfg, ParallelConfig(), geom, impl=impl,
                                 params_dtype=torch.bfloat16)
@@ -49,6 +55,14 @@ def te_vs_local(fp8: str | None):
 
 def test_transformer_engine_spec_matches_local():
     result = run_distributed(te_vs_local, 1, args=(None,))[0]
+    if result is None:
+        pytest.skip("Transformer Engine is not installed on this GPU machine")
+    local, te = result
+    assert te == pytest.approx(local, rel=2e-2)
+
+
+def test_transformer_engine_padded_matches_local_unpadded():
+    result = run_distributed(te_vs_local, 1, args=(None, 12))[0]
     if result is None:
         pytest.skip("Transformer Engine is not installed on this GPU machine")
     local, te = result

@@ -37,6 +37,9 @@ def api_run():
         patches, pooled = model.encode(images)
         big_patches, _ = model.encode(torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1)))
     captions = greedy_captions(model, images, keep, bos_id=1, eos_id=2, caption_length=CAPTION)
+    with torch.no_grad():  # evaluation without token dropping: every patch, in order
+        every_patch = torch.arange(geom.num_patches).expand(BATCH, -1)
+        all_logits = model.caption_logits(images, tokens, every_patch)
     bad_tokens = tokens.clone()
     bad_tokens[0, 3] = VOCAB
     errors = dict(
@@ -46,7 +49,7 @@ def api_run():
     )
     weights = state_dict_adapter.to_standard(tp_gather.full_state(model), model.plan, 4, 4, VOCAB)
     return dict(weights=weights, patches=patches, pooled=pooled, big_patches=big_patches,
-                captions=captions, errors=errors, registers=geom.num_registers,
+                captions=captions, all_logits=all_logits, errors=errors, registers=geom.num_registers,
                 kept=geom.num_kept)
 
 
@@ -77,9 +80,17 @@ def test_encode_equals_reference_at_trained_and_new_resolution(api):
     torch.testing.assert_close(api["big_patches"], big, rtol=1e-4, atol=1e-5)
 
 
+def test_logits_without_token_drop_equal_reference(api):
+    images, tokens, _ = batch(16, api["kept"])
+    with torch.no_grad():
+        want = _reference(api)(images, tokens, None)["logits"]  # keep_idx None: every patch
+    torch.testing.assert_close(api["all_logits"], want, rtol=1e-4, atol=1e-5)
+
+
 def test_greedy_captions_equal_reference(api):
     images, _, keep = batch(16, api["kept"])
-    want = _reference(api).generate(images, keep, bos_id=1, eos_id=2, max_len=CAPTION)
+    # slots 1 .. L-2: the last slot is never a target in the official caption layout
+    want = _reference(api).generate(images, keep, bos_id=1, eos_id=2, max_len=CAPTION - 1)
     got = api["captions"]
     assert torch.equal(got[:, : want.shape[1]], want)
     assert (got[:, want.shape[1]:] == 0).all()

@@ -1,9 +1,15 @@
 """Independent pure-PyTorch reference of OpenVision 2 (ViT encoder + caption decoder).
 
-This file is the ground truth the megatron-core model is proven equal to (loss and every
-gradient within fp32 tolerance). It imports nothing from ov2_megatron or megatron, and it
-computes attention, GELU and the loss explicitly, so that a shared bug cannot hide in a
-shared kernel.
+This file is the twin the megatron-core model is proven equal to (loss and every gradient
+within fp32 tolerance). It imports nothing from ov2_megatron or megatron, and it computes
+attention, GELU and the loss explicitly, so that a shared bug cannot hide in a shared kernel.
+A twin written here only proves consistency; it is itself held to the case computed by the
+official OpenVision 2 code (tests/reference/test_official_fixture.py), so that a misreading
+shared by both cannot hide either.
+
+As the official model: the decoder reads the raw output of the last ViT block (no LayerNorm);
+the ViT's final LayerNorm `vision.norm` acts only on the pooled feature LN(mean of patches);
+exact (erf) GELU in the ViT MLP, tanh-approximated GELU in the decoder MLP.
 
 Construction: `OpenVision2Reference(VisionConfig(...), DecoderConfig(...))`; plain dicts with
 the same field names are accepted too.
@@ -20,7 +26,7 @@ Parameter layout (state_dict keys; `{i}` is the block index, shapes are torch's 
     vision.blocks.{i}.ln2.weight/bias  [width]
     vision.blocks.{i}.mlp.fc1.weight/bias    [mlp_dim, width] / [mlp_dim]
     vision.blocks.{i}.mlp.fc2.weight/bias    [width, mlp_dim] / [width]
-    vision.norm.weight/bias            [width]
+    vision.norm.weight/bias            [width]                on the pooled feature only
     decoder.img_proj.weight            [D, width]             no bias
     decoder.tok_embed.weight           [V, D]
     decoder.pos_embed                  [N + max_text_len - 1, D]  only if dec_pos_embed == "learned"
@@ -51,6 +57,7 @@ class VisionConfig:
     num_registers: int = 0  # extra learned tokens after CLS, dropped from the outputs
     pos_embed: str = "sincos"  # "sincos" (fixed big_vision 2-D table) or "learned"
     layernorm_eps: float = 1e-6
+    gelu_approximate: str = "none"  # "none": exact erf GELU (the official ViT); or "tanh"
 
     @property
     def num_patches(self) -> int:
@@ -80,6 +87,7 @@ class DecoderConfig:
     dec_pos_embed: str = "none"  # "none" or "learned" (over the whole [image; text] sequence)
     max_text_len: int = 0  # longest token sequence L (BOS..EOS PAD); sizes learned positions
     layernorm_eps: float = 1e-6
+    gelu_approximate: str = "tanh"  # "tanh": the official decoder (flax nn.gelu default)
 
     def validate(self) -> None:
         if self.dec_width % self.dec_num_heads:
@@ -147,27 +155,35 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s, w))  # [b, s, w]
 
 
+def gelu(h: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU written out: exact (erf) or the tanh approximation."""
+    if approximate == "tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+    if approximate == "none":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    raise ValueError(f"gelu approximate {approximate!r} must be 'none' or 'tanh'")
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, mlp_dim: int):
+    def __init__(self, width: int, mlp_dim: int, approximate: str):
         super().__init__()
+        self.approximate = approximate
         self.fc1 = nn.Linear(width, mlp_dim, bias=True)
         self.fc2 = nn.Linear(mlp_dim, width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact (erf) GELU, written out
-        return self.fc2(h)
+        return self.fc2(gelu(self.fc1(x), self.approximate))
 
 
 class Block(nn.Module):
     """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
 
-    def __init__(self, width: int, mlp_dim: int, num_heads: int, eps: float):
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, eps: float, approximate: str):
         super().__init__()
         self.ln1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, num_heads)
         self.ln2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, mlp_dim)
+        self.mlp = Mlp(width, mlp_dim, approximate)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), allowed)
@@ -200,7 +216,8 @@ class VisionEncoder(nn.Module):
             self.cls_token = nn.Parameter(torch.empty(w)) if cfg.class_token else None
             self.registers = nn.Parameter(torch.empty(cfg.num_registers, w)) if cfg.num_registers else None
             self.blocks = nn.ModuleList(
-                Block(w, cfg.mlp_dim, cfg.num_heads, cfg.layernorm_eps) for _ in range(cfg.depth)
+                Block(w, cfg.mlp_dim, cfg.num_heads, cfg.layernorm_eps, cfg.gelu_approximate)
+                for _ in range(cfg.depth)
             )
             self.norm = nn.LayerNorm(w, eps=cfg.layernorm_eps)
         _init_weights(self)
@@ -222,7 +239,8 @@ class VisionEncoder(nn.Module):
         return x + posemb_sincos_2d(grid, self.cfg.width, dtype=x.dtype, device=x.device)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (patch_tokens [B, N, width], pooled [B, width]), both after the final norm."""
+        """-> (patch_tokens [B, N, width], the raw output of the last block; pooled [B, width]
+        = LN(mean of the patch tokens)), as the official ViT with pool_type 'gap'."""
         x = self.embed(images)  # [B, N, w]
         b = x.shape[0]
         prefix = []
@@ -233,10 +251,8 @@ class VisionEncoder(nn.Module):
         x = torch.cat(prefix + [x], dim=1)  # [B, P + N, w]
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
         patches = x[:, self.num_prefix :]  # [B, N, w]
-        pooled = x[:, 0] if self.cls_token is not None else patches.mean(dim=1)
-        return patches, pooled
+        return patches, self.norm(patches.mean(dim=1))
 
     forward = encode
 
@@ -265,7 +281,8 @@ class CaptionDecoder(nn.Module):
             n_pos = max_image_tokens + cfg.max_text_len - 1
             self.pos_embed = nn.Parameter(torch.empty(n_pos, d)) if cfg.dec_pos_embed == "learned" else None
             self.blocks = nn.ModuleList(
-                Block(d, cfg.dec_mlp_dim, cfg.dec_num_heads, cfg.layernorm_eps) for _ in range(cfg.dec_depth)
+                Block(d, cfg.dec_mlp_dim, cfg.dec_num_heads, cfg.layernorm_eps, cfg.gelu_approximate)
+                for _ in range(cfg.dec_depth)
             )
             self.norm = nn.LayerNorm(d, eps=cfg.layernorm_eps)
             self.head = nn.Linear(d, cfg.vocab_size, bias=False)

@@ -70,9 +70,11 @@ def test_patch_order_is_row_major_and_positions_only_on_patches():
             crop = img[:, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4]  # [B, 3, 4, 4]
             direct = torch.einsum("bchw,ochw->bo", crop, w) + pos[2 * i + j]
             torch.testing.assert_close(x[:, 2 * i + j], direct)
-    # depth 0: CLS output is LN(cls_token) alone, so it received no position embedding
-    _, pooled = enc.encode(img)
-    torch.testing.assert_close(pooled, enc.norm(enc.cls_token).expand(2, -1))
+    # depth 0: the patch tokens come out raw (CLS dropped, no LayerNorm on them); the pooled
+    # feature is the LayerNorm of their mean (official pool_type "gap" + encoder_norm)
+    patches, pooled = enc.encode(img)
+    torch.testing.assert_close(patches, x)
+    torch.testing.assert_close(pooled, enc.norm(x.mean(dim=1)))
 
 
 def test_wrong_image_size_and_bad_tokens_raise():
@@ -89,8 +91,17 @@ def test_registers_removed_and_mean_pooling_without_cls():
     model = tiny_model(class_token=False, num_registers=3)
     patches, pooled = model.vision.encode(images())
     assert patches.shape == (2, 4, 8)
-    torch.testing.assert_close(pooled, patches.mean(dim=1))
+    torch.testing.assert_close(pooled, model.vision.norm(patches.mean(dim=1)))
     assert model.vision.cls_token is None and model.vision.registers.shape == (3, 8)
+
+
+def test_gelu_forms_match_their_definitions():
+    from tests.reference.openvision2_reference import gelu
+
+    h = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    torch.testing.assert_close(gelu(h, "none"), F.gelu(h))
+    torch.testing.assert_close(gelu(h, "tanh"), F.gelu(h, approximate="tanh"))
+    assert (gelu(h, "none") - gelu(h, "tanh")).abs().max() > 1e-4  # they are different functions
 
 
 def test_keep_indices_gather_in_given_order():

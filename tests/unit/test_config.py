@@ -1,5 +1,6 @@
 """The one validation step: each bad setting is refused with the field and the fix, and
-alignment pads (never drops) as the resolved geometry says."""
+alignment pads with positions (never parameters, never dropped data) as the resolved
+geometry says."""
 
 import pytest
 
@@ -23,17 +24,27 @@ def test_paper_geometry_at_224_and_84():
     assert geom.notes == ()
 
 
-def test_sequence_parallel_alignment_pads_registers_and_rounds_kept_up():
+def test_sequence_parallel_alignment_pads_positions_not_parameters():
     geom = validate_model(with_({"image_size": 84}), ParallelConfig(tensor=4, sequence_parallel=True))
-    assert geom.vit_seq % 4 == 0 and geom.num_registers == 3  # 1 + 36 -> 40
-    assert geom.decoder_seq % 4 == 0 and geom.num_kept == 13  # 12 + 127 -> 13 + 127
-    assert len(geom.notes) == 2 and "register" in geom.notes[0] and "rounded up" in geom.notes[1]
+    assert (geom.vit_tokens, geom.vit_seq, geom.num_registers) == (37, 40, 0)  # 1 + 36 -> 40
+    assert (geom.num_kept, geom.decoder_tokens, geom.decoder_seq) == (12, 139, 140)
+    assert geom.padding(139) == 1 and geom.padding(140) == 0
+    assert len(geom.notes) == 2 and "37 -> 40" in geom.notes[0] and "139 -> 140" in geom.notes[1]
 
 
-def test_fp8_alignment_is_sixteen():
+def test_fp8_alignment_is_sixteen_and_leaves_the_model_as_it_is():
+    plain = validate_model(with_(), ParallelConfig(tensor=2))
     geom = validate_model(with_(transformer_impl="transformer_engine", fp8="tensorwise"),
                           ParallelConfig(tensor=2), device_capability=(9, 0))
-    assert geom.vit_seq % 16 == 0 and geom.decoder_seq % 16 == 0
+    assert (geom.vit_seq, geom.decoder_seq) == (272, 224)  # 257 -> 272, 89 + 127 -> 224
+    # what a stage-2 checkpoint must match: the same registers and kept tokens as without FP8
+    assert (geom.num_registers, geom.num_kept) == (plain.num_registers, plain.num_kept)
+    # stage 1 (84 px) and stage 2 (224 px) under FP8 hold the same parameters (once 11 and 15
+    # alignment registers, so stage 2 could not load stage 1)
+    stage1 = validate_model(with_({"image_size": 84}, transformer_impl="transformer_engine",
+                                  fp8="tensorwise"), ParallelConfig(tensor=2),
+                            device_capability=(9, 0))
+    assert stage1.num_registers == geom.num_registers == 0 and stage1.vit_seq == 48
 
 
 @pytest.mark.parametrize("model,parallel,capability,message", [
