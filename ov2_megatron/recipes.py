@@ -35,8 +35,10 @@ def tiny_cpu(stage: int = 1) -> RunConfig:
         weight_decay=0.05, precision="fp32", seed=0, output_dir=f"runs/tiny_cpu/stage{stage}",
         init_from="" if stage == 1 else "runs/tiny_cpu/stage1", log_interval=20,
         save_interval=100, eval_interval=0, eval_batches=4, num_generate=4)
+    # Captions name colours: hue jitter and grayscale make them unlearnable at demo scale.
     data = DataConfig(resolution=resolution, caption_length=48, crop_scale=(0.8, 1.0),
-                      num_threads=2, seed=0, shuffle_buffer=512)
+                      color_jitter=0.0, grayscale_probability=0.0, num_threads=2, seed=0,
+                      shuffle_buffer=512)
     return RunConfig(name="tiny_cpu", stage=stage, model=model, parallel=ParallelConfig(),
                      data=data, train=train,
                      synthetic=dict(num_train=8000, num_val=256, image_size=64, seed=0,

@@ -1,11 +1,14 @@
-"""Images/s of the DALI loader against the loader a user would otherwise write, side by side.
+"""Images/s of the DALI loader against the loader a user would otherwise write, side by side,
+and what the official colour augmentation costs on top.
 
     python tools/bench_data.py --shards DIR [--resolution R] [--threads T]
 
-Both loaders read the same shards and produce the same thing: a training batch of
-random-resized-crop images at R x R, normalised float32 CHW, plus fixed-length caption tokens.
+All loaders read the same shards and produce a training batch of random-resized-crop images
+at R x R, normalised float32 CHW, plus fixed-length caption tokens.
   * dali: ov2_megatron.data.ImageCaptionLoader with T DALI threads (decoding "mixed", i.e. on
-    the GPU, when CUDA is available; "cpu" otherwise).
+    the GPU, when CUDA is available; "cpu" otherwise) and DataConfig's colour augmentation
+    (the official SimCLR jitter 0.4 with p 0.8, grayscale p 0.2; color_jitter.py).
+  * dali, no colour ops: the same with color_jitter=0, grayscale_probability=0.
   * torch: a torch DataLoader with T worker processes over an IterableDataset that reads the
     tars with `tarfile`, decodes with PIL and applies torchvision's transforms. torchvision
     itself cannot be installed next to this project's pinned CPU torch, so the three transforms
@@ -13,16 +16,19 @@ random-resized-crop images at R x R, normalised float32 CHW, plus fixed-length c
     get_params: 10 attempts at area/log-ratio sampling, then the centre-crop fallback; PIL crop
     + bilinear resize, which is what torchvision does on PIL images), ToTensor (uint8 HWC ->
     float CHW / 255) and Normalize. Captions are tokenized in the workers' collate_fn.
-Each loader gets warm-up batches (worker/pipeline start-up is excluded), then a timed run; the
-loaders alternate for --rounds rounds and each one's best round is reported, so neither is
-penalised by a noisy neighbour. Images per CPU-second (this process's threads plus its worker
-processes) are printed too: unlike images/s they hold on a shared, loaded machine. The last
-line is `speedup vs torch DataLoader: X.XXx` (wall-clock images/s).
+The torch baseline has no colour ops, so it is compared with the second DALI loader (like
+for like). Each loader gets warm-up batches (worker/pipeline start-up is excluded), then a timed
+run; the loaders alternate for --rounds rounds and each one's best round is reported, so none
+is penalised by a noisy neighbour. Images per CPU-second (this process's threads plus its worker
+processes) are printed too: unlike images/s they hold on a shared, loaded machine. The last two
+lines are `colour augmentation cost: X.XXx images/s (with / without)` and
+`speedup vs torch DataLoader: X.XXx` (wall-clock images/s, no colour ops in either).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import io
 import math
@@ -165,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         config = DataConfig(train_shards=args.shards, tokenizer_model=tokenizer,
                             resolution=args.resolution, num_threads=args.threads)
         config.validate()
-        best = {"dali": (0.0, 0.0), "torch": (0.0, 0.0)}
+        plain = dataclasses.replace(config, color_jitter=0.0, grayscale_probability=0.0)
+        best = {"dali": (0.0, 0.0), "plain": (0.0, 0.0), "torch": (0.0, 0.0)}
         decoding = "?"
         for _ in range(args.rounds):
-            loader = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=args.batch_size)
-            decoding = "mixed (GPU)" if loader.device == "gpu" else "cpu"
-            best["dali"] = max(best["dali"], timed(iter(loader), args.warmup, args.batches,
+            for name, loader_config in (("dali", config), ("plain", plain)):
+                loader = ImageCaptionLoader(loader_config, dp_rank=0, dp_size=1,
+                                            batch_size=args.batch_size)
+                decoding = "mixed (GPU)" if loader.device == "gpu" else "cpu"
+                best[name] = max(best[name], timed(iter(loader), args.warmup, args.batches,
                                                    args.batch_size))
-            del loader
+                del loader
             baseline = DataLoader(TorchBaselineDataset(shards, config), batch_size=args.batch_size,
                                   num_workers=args.threads, prefetch_factor=2,
                                   collate_fn=TokenizingCollate(tokenizer, config.caption_length),
@@ -183,12 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             del batches  # stops the workers before the next round's DALI run
     print(f"shards: {len(shards)}, resolution: {args.resolution}, batch: {args.batch_size}, "
           f"threads/workers: {args.threads}, timed batches: {args.batches} x {args.rounds} rounds")
-    (dali, dali_cpu), (base, base_cpu) = best["dali"], best["torch"]
-    print(f"dali ({decoding} decoding): {dali:.1f} images/s ({dali_cpu:.0f} per CPU-second)")
-    print(f"torch DataLoader (PIL, {args.threads} workers): {base:.1f} images/s "
+    (dali, dali_cpu), (plain_rate, plain_cpu), (base, base_cpu) = (
+        best["dali"], best["plain"], best["torch"])
+    colour = (f"colour jitter {config.color_jitter} p {config.color_jitter_probability}, "
+              f"grayscale p {config.grayscale_probability}")
+    print(f"dali ({decoding} decoding, {colour}): {dali:.1f} images/s "
+          f"({dali_cpu:.0f} per CPU-second)")
+    print(f"dali ({decoding} decoding, no colour ops): {plain_rate:.1f} images/s "
+          f"({plain_cpu:.0f} per CPU-second)")
+    print(f"torch DataLoader (PIL, {args.threads} workers, no colour ops): {base:.1f} images/s "
           f"({base_cpu:.0f} per CPU-second)")
-    print(f"CPU efficiency vs torch DataLoader: {dali_cpu / base_cpu:.2f}x")
-    print(f"speedup vs torch DataLoader: {dali / base:.2f}x")
+    print(f"CPU efficiency vs torch DataLoader: {plain_cpu / base_cpu:.2f}x")
+    print(f"colour augmentation cost: {dali / plain_rate:.2f}x images/s (with / without), "
+          f"{dali_cpu / plain_cpu:.2f}x per CPU-second")
+    print(f"speedup vs torch DataLoader: {plain_rate / base:.2f}x")
     return 0
 
 

@@ -7,8 +7,9 @@
     tokenizer.py       SentencePiece CaptionTokenizer, train_tokenizer
     sample_filter.py   the Python stage inside the DALI pipeline (checks + tokenization)
     dali_pipeline.py   ImageCaptionLoader: sharded, resumable, bad-data tolerant
+    color_jitter.py    the official SimCLR colour jitter + random grayscale, as DALI ops
     synthetic.py       procedurally drawn shapes dataset with pixel-determined captions
 
-Nothing here imports DALI at package import time; dali_pipeline imports it when a pipeline is
-built, so configs and tokenizers load on machines without it.
+Nothing here imports DALI at package import time; dali_pipeline imports it (and color_jitter)
+when a pipeline is built, so configs and tokenizers load on machines without it.
 """

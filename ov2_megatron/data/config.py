@@ -13,9 +13,16 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-# CLIP's normalisation constants; OpenVision's released encoders are used with these.
+# ImageNet's normalisation constants: what the official OpenVision 2 recipe trains with
+# (big_vision's `vgg_value_range`).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# CLIP's, for encoders imported or exported with them (an OpenCLIP preprocess_cfg may name
+# either).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# tf.image.random_contrast / random_saturation need 1 - 0.8 * strength >= 0.
+MAX_COLOR_JITTER = 1.25
 
 _TAR_BLOCK = 512
 
@@ -38,8 +45,9 @@ class DataConfig:
     """Square output side in pixels (84 for stage 1, 224+ for stage 2 of the OpenVision recipe)."""
 
     caption_length: int = 128
-    """Tokens per caption including BOS and EOS, as in the reference; the decoder input is
-    caption_length - 1 tokens."""
+    """Tokens per caption row (the official token_len): BOS, at most caption_length - 3
+    pieces, EOS and PAD in the first caption_length - 1 slots, then one appended PAD (see
+    tokenizer.py). The decoder input is caption_length - 1 tokens."""
 
     crop_scale: tuple[float, float] = (0.4, 1.0)
     """Random-resized-crop area range, as fractions of the image. Narrower than torchvision's
@@ -51,10 +59,23 @@ class DataConfig:
     flip: bool = False
     """Random horizontal flip. Off by default: captions say "left" and "right"."""
 
-    mean: tuple[float, float, float] = CLIP_MEAN
-    """Per-channel mean subtracted after scaling pixels to [0, 1] (CLIP / OpenVision)."""
+    color_jitter: float = 0.4
+    """SimCLR colour-jitter strength s: brightness, contrast and saturation change by up to
+    0.8 s, hue by up to 0.2 s of the circle, in a random order (color_jitter.py). 0.4 is the
+    official recipe's `simclr_jitter_gray(jitter_strength=0.4)`; 0 disables it (as for
+    captions that name colours the pixels must keep, see recipes.tiny_cpu)."""
 
-    std: tuple[float, float, float] = CLIP_STD
+    color_jitter_probability: float = 0.8
+    """Fraction of images that get the colour jitter (the official random_apply p=0.8)."""
+
+    grayscale_probability: float = 0.2
+    """Fraction of images turned gray after the jitter (the official p=0.2); 0 disables it."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean subtracted after scaling pixels to [0, 1]: ImageNet's, as the official
+    OpenVision 2 recipe (an imported encoder may bring its own)."""
+
+    std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel standard deviation divided out after subtracting the mean."""
 
     num_threads: int = 4
@@ -84,11 +105,21 @@ class DataConfig:
                              ".model file (tools/train_tokenizer.py)")
         if self.resolution < 8:
             raise ValueError(f"DataConfig.resolution {self.resolution} is too small: use >= 8")
-        if self.caption_length < 3:
+        if self.caption_length < 4:
             raise ValueError(f"DataConfig.caption_length {self.caption_length} leaves no room "
-                             "for BOS, one token and EOS: use >= 3 (reference: 128)")
+                             "for BOS, one piece, EOS and the appended PAD: use >= 4 "
+                             "(reference: 128)")
         _check_range("crop_scale", self.crop_scale, upper=1.0)
         _check_range("crop_ratio", self.crop_ratio, upper=None)
+        if not 0 <= self.color_jitter <= MAX_COLOR_JITTER:
+            raise ValueError(f"DataConfig.color_jitter {self.color_jitter} is outside "
+                             f"[0, {MAX_COLOR_JITTER}]: above it the contrast and saturation "
+                             "factors 1 - 0.8 * strength turn negative; use 0.4 (official) or "
+                             "0 to disable")
+        for name in ("color_jitter_probability", "grayscale_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"DataConfig.{name} {getattr(self, name)} is not a "
+                                 "probability: use a value in [0, 1]")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != 3:
@@ -183,5 +214,6 @@ def shards_digest(shards: list[str]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
-__all__ = ["DataConfig", "CLIP_MEAN", "CLIP_STD", "resolve_shard_spec", "check_shard",
+__all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
+           "MAX_COLOR_JITTER", "resolve_shard_spec", "check_shard",
            "index_path_for", "find_index_paths", "shards_digest"]

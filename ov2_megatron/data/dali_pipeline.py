@@ -3,9 +3,11 @@
 Pipeline per data-parallel rank (one graph; only the decoder's device changes):
     readers.webdataset (shard_id=dp_rank, num_shards=dp_size, shuffle buffer, seed)
       -> python_function SampleFilter (header checks, placeholder swap, tokenization)
-      -> decoders.image_random_crop (train) | decoders.image + resize shorter (eval)
+      -> decoders.image_random_crop (train) | decoders.image (eval)
          device "mixed" (nvJPEG on the GPU) when CUDA is there, "cpu" otherwise
-      -> resize to R x R -> crop_mirror_normalize (CHW float32, mean/std, optional flip)
+      -> resize, bilinear antialiased: to R x R (train) | shorter side to R (eval)
+      -> train: SimCLR colour jitter + random grayscale (color_jitter.py, DataConfig)
+      -> crop_mirror_normalize (CHW float32, mean/std; eval: centre crop R x R; optional flip)
 Every TP/PP rank of one replica passes the same dp_rank and gets the same batches: the stream
 is a pure function of (shards, seed, dp_rank, dp_size, batch_size) and the restored state.
 
@@ -18,6 +20,8 @@ Resume: `state()` holds DALI's own checkpoint taken through the iterator after t
 consumed batch (reader position, shuffle buffer RNG, augmentation RNG), plus our counters and
 blocklist. A state is refused by a loader whose dp_rank, dp_size, batch_size, shard list or
 mode differ: DALI would load it silently into such a pipeline and replay the wrong samples.
+It is refused too, with the reason, by a loader whose colour ops are switched on or off (the
+graph differs; DALI would fail on an unknown operator name).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _STATE_VERSION = 1
 _ISSUE_NAMES = tuple(issue.metric_name for issue in Issue if issue != Issue.OK)
 _TOTAL_NAMES = ("samples", "replaced", "dropped", "batches_skipped", "recoveries")
 _MAX_RECOVERIES_PER_BATCH = 3
+# The official central_crop starts at floor((side - R) / 2); DALI rounds crop_pos * (side - R)
+# half up, so 0.5 would shift an odd margin by a pixel. Exact for margins up to 500,000.
+_CENTRE = 0.5 - 1e-6
 
 
 def resolve_device(device: str) -> str:
@@ -53,48 +60,85 @@ def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_si
                    batch_size: int, training: bool, device: str, sample_filter: SampleFilter,
                    checkpoint: bytes | None = None):
     """The DALI pipeline described in the module docstring (not yet built)."""
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import pipeline_def
 
     device_id = torch.cuda.current_device() if device == "gpu" else None
+    # Conditionals: the colour jitter branches per sample (color_jitter.py).
+    graph = pipeline_def(_graph, enable_conditionals=True)
     # Different ranks must not draw the same crop sequence; the reader seed only orders its
     # own shard, so deriving both from (seed, rank) is safe.
-    pipe = Pipeline(batch_size=batch_size, num_threads=config.num_threads, device_id=device_id,
-                    seed=(config.seed * 1_000_003 + dp_rank) % (2**31),
-                    prefetch_queue_depth=config.prefetch, enable_checkpointing=True,
-                    checkpoint=checkpoint)
+    return graph(config, shards, find_index_paths(shards), dp_rank, dp_size, training, device,
+                 sample_filter, batch_size=batch_size, num_threads=config.num_threads,
+                 device_id=device_id, seed=(config.seed * 1_000_003 + dp_rank) % (2**31),
+                 prefetch_queue_depth=config.prefetch, enable_checkpointing=True,
+                 checkpoint=checkpoint)
+
+
+def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None, dp_rank: int,
+           dp_size: int, training: bool, device: str, sample_filter: SampleFilter):
+    """The graph of `build_pipeline` (traced by DALI's autograph for the conditionals)."""
+    from nvidia.dali import fn, types
+
     size = config.resolution
-    with pipe:
-        jpegs, texts = fn.readers.webdataset(
-            paths=shards, index_paths=find_index_paths(shards), ext=["jpg;jpeg", "txt"],
-            missing_component_behavior="empty",  # a missing .txt becomes an empty caption
-            shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
-            initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
-        jpegs, tokens, issues, captions = fn.python_function(
-            jpegs, texts, function=sample_filter, num_outputs=4, batch_processing=True)
-        decoder_device = "mixed" if device == "gpu" else "cpu"
-        # nvJPEG's default chroma upsampling differs from libjpeg-turbo's; ask for the CPU's, so
-        # GPU and CPU runs (and the CPU-tested pixels) agree.
-        decoder_args = {"jpeg_fancy_upsampling": True} if device == "gpu" else {}
-        mean = [255.0 * m for m in config.mean]
-        std = [255.0 * s for s in config.std]
-        if training:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decoder_device, output_type=types.RGB,
-                random_area=list(config.crop_scale), random_aspect_ratio=list(config.crop_ratio),
-                num_attempts=10, **decoder_args)
-            images = fn.resize(images, resize_x=size, resize_y=size)
-            mirror = fn.random.coin_flip(probability=0.5) if config.flip else 0
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=mean, std=std, mirror=mirror)
-            pipe.set_outputs(images, tokens, issues)
-        else:
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
-                                       **decoder_args)
-            images = fn.resize(images, resize_shorter=size)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              crop=(size, size), mean=mean, std=std)
-            pipe.set_outputs(images, tokens, issues, fn.pad(captions, fill_value=0))
-    return pipe
+    jpegs, texts = fn.readers.webdataset(
+        paths=shards, index_paths=index_paths, ext=["jpg;jpeg", "txt"],
+        missing_component_behavior="empty",  # a missing .txt becomes an empty caption
+        shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
+        initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
+    jpegs, tokens, issues, captions = fn.python_function(
+        jpegs, texts, function=sample_filter, num_outputs=4, batch_processing=True)
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    # nvJPEG's default chroma upsampling differs from libjpeg-turbo's; ask for the CPU's, so
+    # GPU and CPU runs (and the CPU-tested pixels) agree.
+    decoder_args = {"jpeg_fancy_upsampling": True} if device == "gpu" else {}
+    # The official inception_crop / resize_small: bilinear with antialiasing when shrinking.
+    resize_args = {"interp_type": types.INTERP_LINEAR, "antialias": True}
+    mean = [255.0 * m for m in config.mean]
+    std = [255.0 * s for s in config.std]
+    if not training:
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
+                                   **decoder_args)
+        images = fn.resize(images, resize_shorter=size, **resize_args)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          crop=(size, size), crop_pos_x=_CENTRE,
+                                          crop_pos_y=_CENTRE, mean=mean, std=std)
+        return images, tokens, issues, fn.pad(captions, fill_value=0)
+    images = fn.decoders.image_random_crop(
+        jpegs, device=decoder_device, output_type=types.RGB,
+        random_area=list(config.crop_scale), random_aspect_ratio=list(config.crop_ratio),
+        num_attempts=10, **decoder_args)
+    images = fn.resize(images, resize_x=size, resize_y=size, **resize_args)  # [R, R, 3] uint8
+    images = _color_augment(images, config)
+    mirror = fn.random.coin_flip(probability=0.5) if config.flip else 0
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                      mean=mean, std=std, mirror=mirror)
+    return images, tokens, issues
+
+
+def color_ops(config: DataConfig, training: bool = True) -> str:
+    """Which colour ops a loader's graph has: "none", "grayscale" (grayscale only) or "jitter"
+    (the jitter and the grayscale branch). Only this, not the strengths or probabilities,
+    shapes the graph a DALI checkpoint belongs to."""
+    if not training:
+        return "none"
+    if config.color_jitter > 0 and config.color_jitter_probability > 0:
+        return "jitter"
+    return "grayscale" if config.grayscale_probability > 0 else "none"
+
+
+def _color_augment(images, config: DataConfig):
+    """The official simclr_jitter_gray with the config's strength and probabilities; no ops
+    at all when both are off, so such a stream keeps the pixels of the crop + resize."""
+    ops = color_ops(config)
+    if ops == "none":
+        return images
+    from ov2_megatron.data import color_jitter
+
+    jitter = ops == "jitter"
+    strengths = color_jitter.JitterStrengths.simclr(config.color_jitter if jitter else 0.0)
+    draws = color_jitter.draw(strengths, config.color_jitter_probability if jitter else 0.0,
+                              config.grayscale_probability)
+    return color_jitter.simclr_jitter_gray(images, strengths, draws)
 
 
 class DecodeProbe:
@@ -254,8 +298,8 @@ class ImageCaptionLoader:
             source[bad_rows] = good[torch.arange(n_bad) % len(good)]  # deterministic reuse
             images, tokens = images[source.to(images.device)], tokens[source]
             self._stats["replaced"] += n_bad
-        batch["images"] = images                       # [B, 3, R, R] float32
-        batch["tokens"] = tokens.to(images.device)     # [B, L] int64: BOS ... EOS PAD ...
+        batch["images"] = images                    # [B, 3, R, R] float32
+        batch["tokens"] = tokens.to(images.device)  # [B, L] int64: BOS ... EOS PAD ... PAD
         return batch
 
     def _recover(self, error: RuntimeError) -> bool:
@@ -305,27 +349,32 @@ class ImageCaptionLoader:
         return {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "batch_size": self.batch_size, "training": self.training,
                 "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
-                "batches": self._batches, "stats": dict(self._stats),
-                "blocklist": self._filter.blocked(),
+                "color_ops": color_ops(self.config, self.training), "batches": self._batches,
+                "stats": dict(self._stats), "blocklist": self._filter.blocked(),
                 "dali": base64.b64encode(checkpoint if isinstance(checkpoint, bytes)
                                          else checkpoint.encode()).decode("ascii")}
 
     def _load_state(self, state: dict) -> bytes:
         expected = {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                     "batch_size": self.batch_size, "training": self.training,
-                    "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed}
+                    "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
+                    "color_ops": color_ops(self.config, self.training)}
+        state = {"color_ops": "none", **state}  # states saved before the colour ops had none
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(
                     f"data loader resume_state has {key}={state.get(key)!r} but this loader has "
                     f"{key}={value!r}. A DALI checkpoint records reader positions for one exact "
-                    "split of the shards; it cannot be re-split. Resume with the same data-"
-                    "parallel size, batch size, shards and seed, or pass resume_state=None to "
-                    "start a fresh stream (samples already seen will be seen again).")
+                    "split of the shards, and the random state of one exact graph; it cannot "
+                    "be re-split or moved. Resume with the same data-parallel size, batch size, "
+                    "shards, seed and colour ops (color_jitter / grayscale_probability on or "
+                    "off), or pass resume_state=None to start a fresh stream (samples already "
+                    "seen will be seen again).")
         self._stats = Counter(state["stats"])
         self._batches = int(state["batches"])
         self._filter.restore_blocklist(state["blocklist"])
         return base64.b64decode(state["dali"])
 
 
-__all__ = ["ImageCaptionLoader", "DecodeProbe", "build_pipeline", "resolve_device"]
+__all__ = ["ImageCaptionLoader", "DecodeProbe", "build_pipeline", "color_ops",
+           "resolve_device"]

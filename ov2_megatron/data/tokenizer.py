@@ -1,12 +1,19 @@
-"""SentencePiece captions: training, fixed-length batch encoding, decoding, TP vocab padding.
+"""SentencePiece captions: training, fixed-length batch encoding (the official layout), decoding.
 
 Id layout of models trained here: PAD=0, UNK=1, BOS=2, EOS=3, so a zero-filled buffer is
-already padding. A row of `encode_batch(captions, L)` is
-    BOS p1 p2 ... pk EOS PAD ... PAD          (length L)
-Truncation keeps BOS and EOS and drops the caption's tail pieces: every row ends its caption
-with EOS, so the decoder always learns to stop and the loss always has an EOS target. A
-truncated caption therefore looks like a complete shorter one; at the reference length of 128
-that is rare (captions are ~60-100 pieces) and the price of never training "don't stop".
+already padding. A row of `encode_batch(captions, L)` is the official OpenVision 2 layout
+(`my_bert_tokenize_v2(max_len=L, add_bos, add_eos)` in UCSC-VLAA/OpenVision):
+    BOS p1 ... pk EOS PAD ... PAD | PAD       k <= L - 3
+    `------- L - 1 slots -------'   one appended token (the official code appends [CLS])
+The decoder reads tokens[:, :L-1] and predicts tokens[:, 1:] with PAD unsupervised, so the
+last target is always PAD and at most L - 2 targets (k pieces and EOS) are supervised. The
+previous layout here filled all L slots (up to L - 2 pieces, L - 1 supervised targets); the
+official one keeps checkpoints and loss curves comparable with the reference.
+Truncation keeps BOS and EOS and drops the caption's tail pieces (the official code forces
+slot L - 2 to EOS when a caption overflows): every row ends its caption with EOS, so the
+decoder always learns to stop and the loss always has an EOS target. A truncated caption
+therefore looks like a complete shorter one; at the reference length of 128 that is rare
+(captions are ~60-100 pieces) and the price of never training "don't stop".
 """
 
 from __future__ import annotations
@@ -66,15 +73,18 @@ class CaptionTokenizer:
         return self._sp.eos_id()
 
     def encode_batch(self, captions: list[str], length: int) -> np.ndarray:
-        """int32 [B, length]: BOS + pieces + EOS, truncated keeping EOS, right-padded with PAD."""
-        if length < 2:
-            raise ValueError(f"caption length {length} cannot hold BOS and EOS: use >= 2")
+        """int32 [B, length] in the official layout (module docstring): BOS + at most
+        length - 3 pieces + EOS in the first length - 1 slots, PAD after; the last slot is
+        always PAD."""
+        if length < 3:
+            raise ValueError(f"caption length {length} cannot hold BOS, EOS and the appended "
+                             "PAD: use >= 3")
         out = np.full((len(captions), length), self.pad_id, dtype=np.int32)  # [B, L]
         if not captions:
             return out
         # One C++ call for the whole batch; SentencePiece splits it over its own threads.
         pieces = self._sp.encode(captions, out_type=int)
-        body = length - 2
+        body = length - 3  # slots 0 .. L-2 hold BOS, pieces, EOS; slot L-1 is the appended PAD
         out[:, 0] = self.bos_id
         for row, ids in enumerate(pieces):
             ids = ids[:body]

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from ov2_megatron.data.config import DataConfig, find_index_paths, resolve_shard_spec
+from ov2_megatron.data.config import (CLIP_MEAN, DataConfig, find_index_paths,
+                                      resolve_shard_spec)
 from tests.data.shard_factory import jpeg_bytes, synthetic_dataset, write_raw_shard
 
 
@@ -16,8 +17,10 @@ def _config(**overrides) -> DataConfig:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("train_shards", ""), ("tokenizer_model", ""), ("resolution", 4), ("caption_length", 2),
+    ("train_shards", ""), ("tokenizer_model", ""), ("resolution", 4), ("caption_length", 3),
     ("crop_scale", (0.5, 1.2)), ("crop_scale", (0.9, 0.5)), ("crop_ratio", (0.0, 1.0)),
+    ("color_jitter", -0.1), ("color_jitter", 1.3), ("color_jitter_probability", 1.5),
+    ("grayscale_probability", -0.1),
     ("mean", (0.5, 0.5)), ("std", (0.2, 0.0, 0.2)), ("num_threads", 0), ("prefetch", 0),
     ("shuffle_buffer", 0), ("max_image_pixels", 0),
 ])
@@ -27,10 +30,16 @@ def test_validate_names_the_field(field, value):
 
 
 def test_defaults_are_valid_and_follow_the_reference():
+    """The official OpenVision 2 recipe: token_len 128, no flip, simclr_jitter_gray(0.4) with
+    p 0.8 / 0.2, ImageNet normalisation (big_vision's vgg_value_range)."""
     config = _config()
     config.validate()
     assert config.caption_length == 128 and config.flip is False
-    assert config.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert (config.color_jitter, config.color_jitter_probability,
+            config.grayscale_probability) == (0.4, 0.8, 0.2)
+    assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
+    assert CLIP_MEAN == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # still exported
+    _config(caption_length=4, color_jitter=1.25, grayscale_probability=1.0).validate()
 
 
 def test_resolve_glob_directory_and_comma_list(tmp_path):

@@ -1,5 +1,6 @@
-"""The DALI loader against independent references: PIL pixels, shard contents, its own
-uninterrupted stream. Real DALI on the CPU (device="cpu"), tiny images, small batches."""
+"""The DALI loader against independent references: PIL pixels, shard contents, TF's colour
+ops (tf_color_ops.py), its own uninterrupted stream. Real DALI on the CPU (device="cpu"), tiny
+images, small batches."""
 
 import io
 import os
@@ -11,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ov2_megatron.data.config import CLIP_MEAN, CLIP_STD, DataConfig
+from ov2_megatron.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
 from ov2_megatron.data.synthetic import synthetic_sample
 from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer
+from tests.data import tf_color_ops
 from tests.data.shard_factory import (
     caption_tag,
     decoder_breaking_jpeg,
@@ -26,7 +28,8 @@ from tests.data.shard_factory import (
 )
 
 W, H = 48, 40  # test image size (width, height)
-ONE_LEVEL = 1.01 / 255 / min(CLIP_STD)  # one 8-bit level after normalisation, plus rounding
+ONE_LEVEL = 1.01 / 255 / min(IMAGENET_STD)  # one 8-bit level after normalisation, + rounding
+NO_COLOR = dict(color_jitter=0.0, grayscale_probability=0.0)  # crop + resize pixels only
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +57,17 @@ def make_config(shards, tokenizer_model, **overrides) -> DataConfig:
 
 
 def normalized_pil(image: Image.Image) -> np.ndarray:
-    """[3, h, w] float: ToTensor + Normalize with the CLIP constants."""
+    """[3, h, w] float: ToTensor + Normalize with the (default) ImageNet constants."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return ((pixels - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)
+    return ((pixels - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
+
+
+def uint8_pixels(config: DataConfig, images: torch.Tensor) -> np.ndarray:
+    """Undo the normalisation: [B, 3, R, R] float -> [B, R, R, 3] uint8, as DALI had them."""
+    mean = np.array(config.mean, dtype=np.float64).reshape(1, 3, 1, 1)
+    std = np.array(config.std, dtype=np.float64).reshape(1, 3, 1, 1)
+    pixels = np.round((images.numpy().astype(np.float64) * std + mean) * 255)
+    return pixels.astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def captions_of(loader, batch) -> list[int]:
@@ -64,7 +75,7 @@ def captions_of(loader, batch) -> list[int]:
 
 
 def test_eval_pixels_equal_pil_decode_and_center_crop(numbered_shards, tokenizer_model):
-    config = make_config(numbered_shards, tokenizer_model, resolution=H)
+    config = make_config(numbered_shards, tokenizer_model, resolution=H)  # jitter on: train only
     loader = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=8, training=False,
                                 device="cpu")
     batch = next(iter(loader))
@@ -80,6 +91,21 @@ def test_eval_pixels_equal_pil_decode_and_center_crop(numbered_shards, tokenizer
         assert np.abs(got - reference[:, :, left:left + H]).max() < 1e-4
 
 
+def test_eval_centre_crop_floors_an_odd_margin(tmp_path, tokenizer_model):
+    """The official central_crop offset is (side - R) // 2: a 47 px wide image cropped to 40
+    starts at column 3 (DALI's plain crop_pos 0.5 would start at 4)."""
+    shard = write_raw_shard(str(tmp_path / "odd.tar"), [
+        (f"{i:05d}", {"jpg": jpeg_bytes(i, (47, 40)), "txt": f"sample {i} good".encode()})
+        for i in range(4)])
+    config = make_config(shard, tokenizer_model, resolution=40)
+    batch = next(iter(ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=4,
+                                         training=False, device="cpu")))
+    for row, caption in enumerate(batch["captions"]):
+        reference = normalized_pil(Image.open(io.BytesIO(jpeg_bytes(caption_tag(caption),
+                                                                    (47, 40)))))
+        assert np.abs(batch["images"][row].numpy() - reference[:, :, 3:43]).max() < 1e-4
+
+
 def test_eval_resize_and_train_full_crop_match_pil_resize(numbered_shards, tokenizer_model):
     size = 20
     eval_config = make_config(numbered_shards, tokenizer_model, resolution=size)
@@ -92,9 +118,10 @@ def test_eval_resize_and_train_full_crop_match_pil_resize(numbered_shards, token
         left = (scaled_w - size) // 2
         diff = np.abs(batch["images"][row].numpy() - reference[:, :, left:left + size])
         assert diff.mean() < 0.005 and diff.max() < ONE_LEVEL  # two bilinear resamplers
-    # Training with the crop pinned to the whole image: random-resized-crop == plain resize.
+    # Training with the crop pinned to the whole image and no colour ops: random-resized-crop
+    # == plain resize, the pixels the loader gave before the colour jitter existed.
     train_config = make_config(numbered_shards, tokenizer_model, resolution=size,
-                               crop_scale=(1.0, 1.0), crop_ratio=(W / H, W / H))
+                               crop_scale=(1.0, 1.0), crop_ratio=(W / H, W / H), **NO_COLOR)
     loader = ImageCaptionLoader(train_config, dp_rank=0, dp_size=1, batch_size=4, device="cpu")
     batch = next(loader)
     for row, index in enumerate(captions_of(loader, batch)):
@@ -140,8 +167,11 @@ def test_ranks_are_disjoint_and_complete(numbered_shards, tokenizer_model, dp_si
 @pytest.mark.parametrize("dp_rank, dp_size, save_after", [(0, 1, 7), (1, 2, 4)])
 def test_resume_continues_the_exact_stream(numbered_shards, tokenizer_model, dp_rank, dp_size,
                                            save_after):
+    # The official colour augmentation (the defaults, spelled out): its random draws are DALI
+    # state too and must resume with the crops.
     config = make_config(numbered_shards, tokenizer_model, resolution=16, crop_scale=(0.3, 1.0),
-                         flip=True)
+                         flip=True, color_jitter=0.4, color_jitter_probability=0.8,
+                         grayscale_probability=0.2)
     total = 96 // dp_size // 8 * 2 + 3  # past two epoch boundaries
     loader = ImageCaptionLoader(config, dp_rank=dp_rank, dp_size=dp_size, batch_size=8,
                                 device="cpu")
@@ -159,6 +189,46 @@ def test_resume_continues_the_exact_stream(numbered_shards, tokenizer_model, dp_
     assert resumed.totals() == loader.totals() and loader.stats() == {}
 
 
+def test_grayscale_only_is_tf_gray_of_the_same_crops(numbered_shards, tokenizer_model):
+    """grayscale_probability 1 without jitter: every image is TF's rgb_to_grayscale of the
+    image the colourless stream gives (same seed): the colour ops draw nothing the crop uses."""
+    plain, gray = (ImageCaptionLoader(make_config(numbered_shards, tokenizer_model, **colors),
+                                      dp_rank=0, dp_size=1, batch_size=8, device="cpu")
+                   for colors in (NO_COLOR, dict(color_jitter=0.0, grayscale_probability=1.0)))
+    for _ in range(3):
+        expected, got = next(plain), next(gray)
+        assert torch.equal(expected["tokens"], got["tokens"])
+        for before, after in zip(uint8_pixels(plain.config, expected["images"]),
+                                 uint8_pixels(gray.config, got["images"]), strict=True):
+            reference = tf_color_ops.rgb_to_grayscale(before.astype(np.float32) / 255)
+            reference = np.clip(reference * np.float32(255), 0, 255).astype(np.uint8)
+            assert np.array_equal(after, reference)
+
+
+def test_default_color_augmentation_rates(numbered_shards, tokenizer_model):
+    """The default config (official 0.4 / 0.8 / 0.2) over 5 epochs against the colourless
+    stream of the same seed: 0.2 of the images gray, 0.8 * 0.2 untouched, the rest jittered;
+    tolerances 4 binomial standard deviations."""
+    defaults = DataConfig()
+    assert (defaults.color_jitter, defaults.color_jitter_probability,
+            defaults.grayscale_probability) == (0.4, 0.8, 0.2)
+    plain, jittered = (ImageCaptionLoader(make_config(numbered_shards, tokenizer_model,
+                                                      resolution=16, **colors),
+                                          dp_rank=0, dp_size=1, batch_size=16, device="cpu")
+                       for colors in (NO_COLOR, {}))
+    gray = untouched = 0
+    n = 480
+    for _ in range(n // 16):
+        before = uint8_pixels(plain.config, next(plain)["images"])
+        after = uint8_pixels(jittered.config, next(jittered)["images"])
+        for x, y in zip(before, after, strict=True):
+            is_gray = bool((y[..., 0] == y[..., 1]).all() and (y[..., 1] == y[..., 2]).all())
+            gray += is_gray
+            untouched += np.array_equal(x, y)
+    for count, p in ((gray, 0.2), (untouched, 0.16)):
+        assert abs(count / n - p) < 4 * np.sqrt(p * (1 - p) / n), (count, p)
+
+
 def test_resume_refuses_another_layout(numbered_shards, tokenizer_model):
     config = make_config(numbered_shards, tokenizer_model, resolution=16)
     loader = ImageCaptionLoader(config, dp_rank=0, dp_size=2, batch_size=8, device="cpu")
@@ -170,6 +240,18 @@ def test_resume_refuses_another_layout(numbered_shards, tokenizer_model):
     with pytest.raises(ValueError, match="batch_size"):
         ImageCaptionLoader(config, dp_rank=0, dp_size=2, batch_size=4, resume_state=state,
                            device="cpu")
+    # Colour ops on/off change the DALI graph: refused with the reason, not DALI's "unknown
+    # operator". A state from before the colour ops existed (no key) is a colourless one.
+    plain = make_config(numbered_shards, tokenizer_model, resolution=16, **NO_COLOR)
+    with pytest.raises(ValueError, match="color_ops='jitter' but this loader has "
+                                         "color_ops='none'"):
+        ImageCaptionLoader(plain, dp_rank=0, dp_size=2, batch_size=8, resume_state=state,
+                           device="cpu")
+    fresh = ImageCaptionLoader(plain, dp_rank=0, dp_size=2, batch_size=8, device="cpu")
+    legacy = {k: v for k, v in fresh.state().items() if k != "color_ops"}
+    resumed = ImageCaptionLoader(plain, dp_rank=0, dp_size=2, batch_size=8,
+                                 resume_state=legacy, device="cpu")
+    assert torch.equal(next(resumed)["images"], next(fresh)["images"])
 
 
 @pytest.fixture(scope="module")

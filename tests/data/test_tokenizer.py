@@ -1,4 +1,5 @@
-"""SentencePiece caption tokenizer: ids, round trip, truncation, padding, bad models."""
+"""SentencePiece caption tokenizer: ids, round trip, the official row layout (truncation,
+exact fit, the appended PAD), bad models."""
 
 import numpy as np
 import pytest
@@ -35,21 +36,45 @@ def test_rows_match_sentencepiece_directly(tokenizer):
     assert rows.dtype == np.int32 and rows.shape == (len(captions), 64)
     for caption, row in zip(captions, rows, strict=True):
         pieces = reference.encode(caption)
+        assert len(pieces) <= 64 - 3
         expected = [2] + pieces + [3] + [0] * (64 - len(pieces) - 2)
         assert row.tolist() == expected
         assert tokenizer.decode(row) == caption  # round trip, including non-ASCII text
 
 
-def test_truncation_keeps_bos_and_eos(tokenizer):
+def test_truncation_keeps_bos_and_eos_and_the_last_pad(tokenizer):
+    """Official layout: BOS + pieces + EOS padded to L - 1 slots, an overflow truncated with
+    slot L - 2 forced to EOS, then the appended PAD."""
     caption = " ".join(CORPUS[:4])
     full = tokenizer.encode_batch([caption], 256)[0]
     n_pieces = int((full != 0).sum()) - 2
     length = 12
     assert n_pieces > length
     row = tokenizer.encode_batch([caption], length)[0]
-    assert row[0] == 2 and row[-1] == 3 and 0 not in row.tolist()
-    assert row[1:-1].tolist() == full[1 : length - 1].tolist()
+    assert row[0] == 2 and row[length - 2] == 3 and row[length - 1] == 0
+    assert row[1 : length - 2].tolist() == full[1 : length - 2].tolist()  # L - 3 pieces
+    assert 0 not in row[:-1].tolist()
     assert caption.startswith(tokenizer.decode(row))
+
+
+def test_exact_fit_is_l_minus_3_pieces(tokenizer):
+    caption = "a dog runs across the green field"
+    pieces = spm.SentencePieceProcessor(model_file=tokenizer.path).encode(caption)
+    k = len(pieces)
+    fit = tokenizer.encode_batch([caption], k + 3)[0]
+    assert fit.tolist() == [2] + pieces + [3, 0]  # every slot used, the last one PAD
+    assert tokenizer.decode(fit) == caption
+    short = tokenizer.encode_batch([caption], k + 2)[0]
+    assert short.tolist() == [2] + pieces[:-1] + [3, 0]  # one piece over: the tail goes
+
+
+def test_last_slot_is_always_pad(tokenizer):
+    captions = [" ".join(CORPUS[:5]), "a dog runs", "", CORPUS[3]]
+    for length in (3, 4, 9, 40):
+        rows = tokenizer.encode_batch(captions, length)
+        assert (rows[:, -1] == 0).all() and (rows[:, 0] == 2).all()
+        assert ((rows[:, :-1] == 3).sum(axis=1) == 1).all()  # one EOS in the first L - 1
+        assert (rows[:, 1:] != 0).sum(axis=1).max() <= length - 2  # supervised targets
 
 
 def test_decode_stops_at_eos_and_skips_pad_and_bos(tokenizer):
@@ -65,6 +90,9 @@ def test_decode_stops_at_eos_and_skips_pad_and_bos(tokenizer):
 def test_empty_batch_and_empty_caption(tokenizer):
     assert tokenizer.encode_batch([], 8).shape == (0, 8)
     assert tokenizer.encode_batch([""], 5)[0].tolist() == [2, 3, 0, 0, 0]
+    assert tokenizer.encode_batch([""], 3)[0].tolist() == [2, 3, 0]
+    with pytest.raises(ValueError, match="appended PAD"):
+        tokenizer.encode_batch(["a dog"], 2)
 
 
 def test_synthetic_tokenizer_covers_every_word():

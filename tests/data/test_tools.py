@@ -31,7 +31,7 @@ def test_train_tokenizer_cli(tmp_path):
     assert missing.returncode == 2 and "matched no files" in missing.stderr
 
 
-def test_bench_data_cli_prints_the_ratio_last():
+def test_bench_data_cli_prints_the_ratios_last():
     data = synthetic_dataset()
     run = run_tool("bench_data.py", "--shards", data.train_dir, "--resolution", "32",
                    "--threads", "2", "--batch-size", "8", "--batches", "3", "--warmup", "1",
@@ -39,11 +39,18 @@ def test_bench_data_cli_prints_the_ratio_last():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert re.fullmatch(r"speedup vs torch DataLoader: \d+\.\d\dx", lines[-1]), lines
-    dali = float(re.search(r"dali \(cpu decoding\): ([\d.]+) images/s", run.stdout).group(1))
-    torch_rate = float(re.search(r"torch DataLoader .*: ([\d.]+) images/s", run.stdout).group(1))
-    assert dali > 0 and torch_rate > 0
-    ratio = dali / torch_rate  # from the printed (rounded) rates: agree to rounding
-    assert abs(float(lines[-1].split()[-1][:-1]) - ratio) <= 0.005 + 0.01 * ratio
+    rate = r": ([\d.]+) images/s"
+    jittered = float(re.search(r"dali \(cpu decoding, colour jitter 0.4 p 0.8, grayscale p "
+                               r"0.2\)" + rate, run.stdout).group(1))
+    plain = float(re.search(r"dali \(cpu decoding, no colour ops\)" + rate,
+                            run.stdout).group(1))
+    torch_rate = float(re.search(r"torch DataLoader .*no colour ops\)" + rate,
+                                 run.stdout).group(1))
+    assert jittered > 0 and plain > 0 and torch_rate > 0
+    for line, ratio in ((lines[-1], plain / torch_rate), (lines[-2], jittered / plain)):
+        printed = float(re.search(r"(\d+\.\d\d)x", line).group(1))
+        assert abs(printed - ratio) <= 0.005 + 0.01 * ratio, (line, ratio)  # rounding only
+    assert lines[-2].startswith("colour augmentation cost: ")
     assert re.search(r"CPU efficiency vs torch DataLoader: \d+\.\d\dx", run.stdout)
 
 
