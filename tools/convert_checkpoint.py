@@ -1,7 +1,8 @@
 """Checkpoint conversion: export to timm / Hugging Face, import OpenCLIP, consolidate.
 
     python tools/convert_checkpoint.py export-timm --checkpoint RUN_OR_CKPT_DIR --output DIR
-    python tools/convert_checkpoint.py export-hf --checkpoint RUN_OR_CKPT_DIR --output DIR
+    python tools/convert_checkpoint.py export-hf --checkpoint RUN_OR_CKPT_DIR --output DIR \
+        [--hf-class vit]
     python tools/convert_checkpoint.py import-openclip --input DIR --output RUN_DIR --tp N --pp M
     python tools/convert_checkpoint.py consolidate --checkpoint RUN_OR_CKPT_DIR --output FILE.pt
     python tools/convert_checkpoint.py consolidate --input FILE.pt --output RUN_DIR --tp N --pp M
@@ -28,28 +29,37 @@ for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope i
     warnings.filterwarnings("ignore", message=_pattern)
 
 
-def _export(args, module_name: str) -> None:
-    from importlib import import_module
-
+def _read_tower(args):
+    """The checkpoint's encoder at the export resolution: (step dir, VisionTower)."""
     from ov2_megatron.conversion import megatron_checkpoint, vision_tower
     from ov2_megatron.conversion.atomic_output import refuse_existing
 
     refuse_existing(args.output)  # before the (long) read
-    exporter = import_module(f"ov2_megatron.conversion.{module_name}")
     step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
-    standard, geom = megatron_checkpoint.read_standard(step_dir, run)
-    tower = vision_tower.from_standard(standard, run, geom, args.image_size)
-    exporter.export(tower, args.output)
-    print(f"{step_dir} -> {args.output} ({module_name}, {tower.image_size} px, "
-          f"{tower.depth} blocks of width {tower.width}, {tower.num_registers} registers)")
+    standard, _ = megatron_checkpoint.read_standard(step_dir, run)
+    return step_dir, vision_tower.from_standard(standard, run, args.image_size)
+
+
+def _report(step_dir: str, tower, output: str, what: str) -> None:
+    print(f"{step_dir} -> {output} ({what}, {tower.image_size} px, {tower.depth} blocks of "
+          f"width {tower.width}, {tower.num_registers} registers)")
 
 
 def export_timm(args) -> None:
-    _export(args, "timm_format")
+    from ov2_megatron.conversion import timm_format
+
+    step_dir, tower = _read_tower(args)
+    timm_format.export(tower, args.output)
+    _report(step_dir, tower, args.output, "timm VisionTransformer")
 
 
 def export_hf(args) -> None:
-    _export(args, "hf_format")
+    from ov2_megatron.conversion import hf_format
+
+    step_dir, tower = _read_tower(args)
+    hf_format.export(tower, args.output, args.hf_class)
+    _report(step_dir, tower, args.output, hf_format.model_class(tower, args.hf_class))
+    print(f"features: {hf_format.feature_note(tower, args.hf_class)}")
 
 
 def import_openclip(args) -> None:
@@ -121,10 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, func, target in (("export-timm", export_timm, "a timm VisionTransformer"),
-                               ("export-hf", export_hf,
-                                "a Hugging Face ViTModel (Dinov2WithRegistersModel with "
-                                "register tokens)")):
+    for name, func, target in (
+            ("export-timm", export_timm, "a timm VisionTransformer"),
+            ("export-hf", export_hf, "a Hugging Face model (TimmWrapperModel by default)")):
         sub = commands.add_parser(name, help=f"distributed checkpoint -> {target}",
                                   description=f"A distributed checkpoint (any TP/PP) -> {target}: "
                                   "config.json + model.safetensors in OUTPUT.")
@@ -135,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--image-size", type=int,
                          help="resolution to export the position table for (default: the "
                               "checkpoint's vision.image_size)")
+        if name == "export-hf":
+            sub.add_argument(
+                "--hf-class", choices=("timm_wrapper", "vit"), default="timm_wrapper",
+                help="timm_wrapper (default): TimmWrapperModel, whose last_hidden_state and "
+                     "pooler_output are the official features exactly; vit: ViTModel "
+                     "(Dinov2WithRegistersModel with registers), whose last_hidden_state is "
+                     "LayerNorm'd per token and pooler_output is LN(CLS): take "
+                     "hidden_states[-1] there (see ov2_megatron/conversion/hf_format.py)")
         sub.set_defaults(func=func)
     sub = commands.add_parser(
         "import-openclip", help="OpenCLIP ViT weights -> distributed checkpoint",

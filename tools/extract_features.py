@@ -6,9 +6,11 @@
 
 --pixels takes already-normalised float32 [N, 3, H, W] arrays (H, W any multiple of the patch)
 and bypasses preprocessing, so exported models can be compared exactly. Features are those of
-the model's encode(): patch tokens after the final norm [N, patches, width] (--features patch,
-the default) or the pooled CLS output [N, width] (--features pooled); a .safetensors output
-holds both. Runs on the GPU when there is one (--device to choose).
+the model's encode(), as the official ViT returns them: patch tokens [N, patches, width], the
+raw output of the last block without CLS and registers (no LayerNorm; what the caption decoder
+was trained on; --features patch, the default), or the pooled feature [N, width] = LayerNorm
+of the mean patch token (--features pooled); a .safetensors output holds both. Runs on the GPU
+when there is one (--device to choose).
 """
 
 from __future__ import annotations

@@ -4,11 +4,15 @@
                          with the name / shape checks every conversion shares
     vision_tower         the encoder part of a standard state dict, as the exporters see it
     timm_format          -> timm VisionTransformer (config.json + model.safetensors)
-    hf_format            -> Hugging Face ViTModel / Dinov2WithRegistersModel
+    hf_format            -> Hugging Face TimmWrapperModel (exact), or ViTModel /
+                            Dinov2WithRegistersModel (--hf-class vit)
     openclip_format      OpenCLIP ViT (open_clip_config.json + open_clip_pytorch_model.bin) ->
     feature_extraction   images / shards / pixel arrays -> encode() features
     atomic_output        outputs appear whole or not at all
 
+Every export reproduces encode()'s official features: the patch tokens, the raw output of the
+last block (no LayerNorm on them), and the pooled feature, LN(mean of the patch tokens) (the
+native HF classes hold them in hidden_states[-1], not in their outputs: hf_format.py).
 None of timm, transformers or open_clip is imported: the files are written in their formats
 and the tests load them with the real packages (tests/conversion/).
 """

@@ -7,10 +7,13 @@
 
 Images are preprocessed like evaluation: shorter side resized to the model resolution
 (bicubic, PIL), centre crop, scaled to [0, 1], normalised with the run's data.mean/std.
-Outputs: `.npy` holds one feature ([N, patches, w] patch tokens after the final norm, or
-[N, w] pooled) and is filled batch by batch in a memory-mapped file; `.safetensors` holds both
-(`patch_tokens`, `pooled`), gathered in memory. Images and shards also get OUTPUT.keys.txt,
-one sample key per row. Every file is written under a temporary name and renamed at the end.
+Features are encode()'s, as the official ViT returns them: patch tokens [N, patches, w], the
+raw output of the last block with CLS and registers dropped (no LayerNorm: what the caption
+decoder was trained on), and pooled [N, w] = LN(mean of the patch tokens).
+Outputs: `.npy` holds one of them and is filled batch by batch in a memory-mapped file;
+`.safetensors` holds both (`patch_tokens`, `pooled`), gathered in memory. Images and shards
+also get OUTPUT.keys.txt, one sample key per row. Every file is written under a temporary
+name and renamed at the end.
 """
 
 from __future__ import annotations
@@ -158,9 +161,11 @@ def extract(chunk, source: Source, output: str, features: str, batch_size: int,
         array = None
         for batch_keys, pixels in batches(source, batch_size):
             with torch.no_grad():
-                patches, pooled = chunk.encode(torch.from_numpy(pixels).to(device))
-            result = {"patch_tokens": patches.float().cpu().contiguous().numpy(),
-                      "pooled": pooled.float().cpu().contiguous().numpy()}
+                encoded = chunk.encode(torch.from_numpy(pixels).to(device))
+            # detach: megatron's TransformerBlock returns its output through
+            # make_viewless_tensor(requires_grad=True), which marks it even under no_grad.
+            result = {name: value.detach().float().cpu().contiguous().numpy()
+                      for name, value in zip(("patch_tokens", "pooled"), encoded)}
             if npy:
                 value = result["patch_tokens" if features == "patch" else "pooled"]
                 if array is None:

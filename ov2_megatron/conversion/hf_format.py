@@ -1,27 +1,46 @@
-"""Export to a Hugging Face transformers vision model: `config.json`, `model.safetensors` and
-`preprocessor_config.json`, loadable with `AutoModel.from_pretrained(OUT)`.
+"""Export to Hugging Face transformers: a folder that `AutoModel.from_pretrained(OUT)` loads.
+Two classes (`export-hf --hf-class`):
 
-Which class, and why. Our encoder is: patch conv, + positions on patch tokens only, [CLS;
-registers; patches], pre-LN blocks with exact GELU, final LayerNorm, no norm before the
-blocks. transformers has no single class that holds all of it for every size:
-- `ViTModel` (chosen without registers, i.e. the OpenVision 2 reference): pre-LN
-  (layernorm_before/after), final `layernorm`, hidden_act "gelu" (exact), configurable
-  layer_norm_eps and an explicit `intermediate_size`, so every variant in the size table is
-  exact, g/14 (MLP ratio 4.36) and So400m (3.74) included. Its position table has a CLS row:
-  written as zeros, since our CLS gets no position. Its pooler (dense + activation) is
-  written as the identity with pooler_act "linear", so `pooler_output` is the CLS output,
-  like encode()'s pooled feature. It has no register tokens.
-- `Dinov2WithRegistersModel` (chosen with registers): the same pre-LN block, CLS position
-  row, register tokens inserted after the positions are added (so they get none, as ours)
-  in our order [CLS, registers, patches]; its LayerScale is written as ones (x * 1.0 is
-  exact), the unused mask token as zeros. transformers types its `mlp_ratio` as int, so
-  register models need width | MLP width; other ones are refused with that reason.
-- `CLIPVisionModel` is not exact: it always applies `pre_layrnorm` before the blocks.
-  `SiglipVisionModel` has no CLS token. Both HF classes always have a CLS token, so models
-  without one are refused.
-Tensor names are the classic ones every ViT / DINOv2 checkpoint on the Hub uses
-(`encoder.layer.N.attention.attention.query...`): transformers 4.x loads them as they are and
-5.x renames them on load (its conversion mapping); the tests load them with 5.x.
+timm_wrapper (default; the official features exactly). transformers' `TimmWrapperModel`
+builds a timm model from config.json (`architecture`, `model_args`, `pretrained_cfg`) and
+returns `last_hidden_state = forward_features(x)`, `pooler_output = forward_head(...)`. timm
+holds our encoder exactly (timm_format.py), so the folder is the timm export plus
+`model_type: "timm_wrapper"`, `architectures` and `do_pooling`; it still loads in timm too.
+transformers adds the `timm_model.` prefix to every tensor name on load (its conversion
+mapping); the tests check that no tensor is missing, unexpected or altered. With
+P = model.timm_model.num_prefix_tokens (CLS + registers):
+    last_hidden_state[:, P:]   = encode()'s patch tokens (raw output of the last block)
+    pooler_output              = encode()'s pooled feature, LN(mean of the patch tokens)
+    hidden_states[i]           (output_hidden_states=True) the output of block i+1 as a
+                               [b, w, g, g] map without prefix tokens (timm's
+                               forward_intermediates); hidden_states[-1] is the patch tokens
+AutoImageProcessor gives TimmWrapperImageProcessor, configured from pretrained_cfg (the
+run's data.mean/std); no preprocessor_config.json is needed. Requires timm beside transformers.
+
+vit (native classes; two outputs are NOT the official features). `ViTModel` without registers,
+`Dinov2WithRegistersModel` with them: pre-LN blocks, exact GELU, configurable eps, CLS
+position row written as zeros (our CLS gets no position). Both classes apply their final
+`layernorm` to every token, while our only LayerNorm after the blocks is the pooled one; it is
+written there, so:
+    last_hidden_state          layernorm(every token): NOT our patch tokens (ours carry none)
+    pooler_output              LN(CLS output) (ViTModel: through an identity dense with
+                               pooler_act 'linear'; Dinov2: last_hidden_state[:, 0]): NOT our
+                               pooled feature, which is LN(mean of the patch tokens)
+  the official features instead, exact (P = 1 + registers):
+    hidden_states[-1][:, P:]   (output_hidden_states=True) = patch tokens: hidden_states[0] is
+                               the embedding output, hidden_states[i] that of block i
+    model.layernorm(hidden_states[-1][:, P:].mean(1)) = pooled feature
+  ViTModel has no register tokens. Dinov2WithRegistersModel inserts them after the positions
+  are added (so they get none, as ours) in our order [CLS, registers, patches]; its LayerScale
+  is written as ones (x * 1.0 is exact), the unused mask token as zeros; transformers types
+  its `mlp_ratio` as int, so register models need width | MLP width. Both always have a CLS
+  token: models without one are refused. Tensor names are the classic ones of every ViT /
+  DINOv2 checkpoint on the Hub (`encoder.layer.N.attention.attention.query...`), which 5.x
+  renames on load. The preprocessor is ViTImageProcessor (resize to the export resolution,
+  the run's data.mean/std).
+
+Ruled out: `CLIPVisionModel` always applies `pre_layrnorm` before the blocks;
+`SiglipVisionModel` has no CLS token.
 """
 
 from __future__ import annotations
@@ -31,23 +50,44 @@ import os
 
 import torch
 
-from ov2_megatron.conversion import ConversionError
+from ov2_megatron.conversion import ConversionError, timm_format
 from ov2_megatron.conversion.atomic_output import staged_directory
 from ov2_megatron.conversion.vision_tower import VisionTower, split_qkv
 
+HF_CLASSES = ("timm_wrapper", "vit")
 
-def model_class(tower: VisionTower) -> str:
+
+def model_class(tower: VisionTower, hf_class: str = "timm_wrapper") -> str:
+    if hf_class not in HF_CLASSES:
+        raise ConversionError(f"--hf-class {hf_class!r}: use one of {', '.join(HF_CLASSES)}")
+    if hf_class == "timm_wrapper":
+        return "TimmWrapperModel"
     if tower.cls_token is None:
-        raise ConversionError("vision.class_token is false: the HF ViT classes always prepend a "
-                              "CLS token; export with timm instead")
+        raise ConversionError("vision.class_token is false: the native HF ViT classes always "
+                              "prepend a CLS token; use --hf-class timm_wrapper")
     if tower.registers is None:
         return "ViTModel"
     if tower.mlp_dim % tower.width:
         raise ConversionError(
             f"{tower.num_registers} register tokens need Dinov2WithRegistersModel, whose "
             f"integer mlp_ratio cannot express MLP width {tower.mlp_dim} at width "
-            f"{tower.width}; export with timm instead")
+            f"{tower.width}; use --hf-class timm_wrapper")
     return "Dinov2WithRegistersModel"
+
+
+def feature_note(tower: VisionTower, hf_class: str) -> str:
+    """Where the exported model's outputs hold encode()'s two features."""
+    p = tower.num_prefix_tokens
+    if model_class(tower, hf_class) == "TimmWrapperModel":
+        return f"patch tokens = last_hidden_state[:, {p}:], pooled = pooler_output"
+    return (f"patch tokens = hidden_states[-1][:, {p}:] (output_hidden_states=True), pooled = "
+            f"model.layernorm(hidden_states[-1][:, {p}:].mean(1)); last_hidden_state is "
+            "LayerNorm'd per token and pooler_output is LN(CLS): neither is an official feature")
+
+
+def timm_wrapper_config(tower: VisionTower) -> dict:
+    return dict(timm_format.config(tower), model_type="timm_wrapper",
+                architectures=["TimmWrapperModel"], do_pooling=True)
 
 
 def _embeddings(tower: VisionTower) -> dict[str, torch.Tensor]:
@@ -69,8 +109,8 @@ def _attention(prefix: str, block: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def state_dict(tower: VisionTower) -> dict[str, torch.Tensor]:
-    cls = model_class(tower)
+def native_state_dict(tower: VisionTower) -> dict[str, torch.Tensor]:
+    cls = model_class(tower, "vit")
     out = _embeddings(tower)
     vit = cls == "ViTModel"
     norm1, norm2 = ("layernorm_before", "layernorm_after") if vit else ("norm1", "norm2")
@@ -84,8 +124,10 @@ def state_dict(tower: VisionTower) -> dict[str, torch.Tensor]:
         if not vit:
             out[f"{prefix}.layer_scale1.lambda1"] = torch.ones(tower.width)
             out[f"{prefix}.layer_scale2.lambda1"] = torch.ones(tower.width)
-    out["layernorm.weight"], out["layernorm.bias"] = tower.norm_weight, tower.norm_bias
-    if vit:  # identity pooler: pooler_output = CLS output
+    # Our pooled norm, the only one after the blocks; these classes apply it to every token.
+    out["layernorm.weight"] = tower.pooled_norm_weight
+    out["layernorm.bias"] = tower.pooled_norm_bias
+    if vit:  # identity pooler: pooler_output = layernorm(CLS output)
         out["pooler.dense.weight"] = torch.eye(tower.width)
         out["pooler.dense.bias"] = torch.zeros(tower.width)
     else:
@@ -94,8 +136,8 @@ def state_dict(tower: VisionTower) -> dict[str, torch.Tensor]:
     return {name: tensor.float().contiguous() for name, tensor in out.items()}
 
 
-def config(tower: VisionTower) -> dict:
-    cls = model_class(tower)
+def native_config(tower: VisionTower) -> dict:
+    cls = model_class(tower, "vit")
     common = dict(
         architectures=[cls], hidden_size=tower.width, num_hidden_layers=tower.depth,
         num_attention_heads=tower.num_heads, hidden_act="gelu", hidden_dropout_prob=0.0,
@@ -121,15 +163,20 @@ def preprocessor_config(tower: VisionTower) -> dict:
                 image_mean=list(tower.mean), image_std=list(tower.std))
 
 
-def export(tower: VisionTower, output: str) -> str:
+def export(tower: VisionTower, output: str, hf_class: str = "timm_wrapper") -> str:
     from safetensors.torch import save_file
 
-    cfg = config(tower)  # refuses before anything is written
+    # Everything that can refuse runs before anything is written.
+    if model_class(tower, hf_class) == "TimmWrapperModel":
+        files = {"config.json": timm_wrapper_config(tower)}
+        weights = timm_format.state_dict(tower)
+    else:
+        files = {"config.json": native_config(tower),
+                 "preprocessor_config.json": preprocessor_config(tower)}
+        weights = native_state_dict(tower)
     with staged_directory(output) as staging:
-        save_file(state_dict(tower), os.path.join(staging, "model.safetensors"),
-                  metadata={"format": "pt"})
-        for name, content in (("config.json", cfg),
-                              ("preprocessor_config.json", preprocessor_config(tower))):
+        save_file(weights, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        for name, content in files.items():
             with open(os.path.join(staging, name), "w") as f:
                 json.dump(content, f, indent=2)
     return output

@@ -122,15 +122,16 @@ def override_args(base, run, prefix: str = "") -> list[str]:
 # -- expected names and shapes ---------------------------------------------------------------
 
 def standard_shapes(model: ModelConfig, geom: SequenceGeometry) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the standard state dict of `model`, with its shape."""
+    """Every tensor of the standard state dict of `model`, with its shape. None depends on the
+    layout: alignment pads sequences with positions, never with parameters."""
     vit, patch = model.vision.shape()
     dec = model.decoder.shape()
     w, d = vit.width, dec.width
     shapes = {"vision.patch_embed.weight": (w, model.vision.in_channels, patch, patch)}
     if model.vision.class_token:
         shapes["vision.cls_token"] = (w,)
-    if geom.num_registers:
-        shapes["vision.registers"] = (geom.num_registers, w)
+    if model.vision.num_registers:
+        shapes["vision.registers"] = (model.vision.num_registers, w)
     if model.vision.pos_embed == "learned":
         shapes["vision.pos_embed"] = (geom.num_patches, w)
     shapes.update(_block_shapes("vision", vit))
@@ -138,7 +139,7 @@ def standard_shapes(model: ModelConfig, geom: SequenceGeometry) -> dict[str, tup
                    "decoder.img_proj.weight": (d, w),
                    "decoder.tok_embed.weight": (model.decoder.vocab_size, d)})
     if model.decoder.pos_embed == "learned":
-        shapes["decoder.pos_embed"] = (geom.decoder_seq, d)
+        shapes["decoder.pos_embed"] = (geom.decoder_tokens, d)  # real positions only
     shapes.update(_block_shapes("decoder", dec))
     shapes.update({"decoder.norm.weight": (d,), "decoder.norm.bias": (d,),
                    "decoder.head.weight": (model.decoder.vocab_size, d)})
@@ -181,12 +182,14 @@ def load_model(step_dir: str, run: RunConfig, device: str = "cpu"):
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize
     from ov2_megatron.training import checkpoint
 
-    geom = geometry(run.model, run.parallel)  # the saved layout's (alignment registers)
+    # Built unsharded, so at the geometry of TP=1 (no alignment padding): the parameters are
+    # the same at every layout's geometry, and encode() runs without padded positions.
+    model = conversion_model(run.model)
+    geom = geometry(model, ParallelConfig())
     if not torch.distributed.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     initialize(ParallelLayout(), seed=run.train.seed)
-    chunk = build_chunks(conversion_model(run.model), ParallelConfig(), geom, "local",
-                         params_dtype(run))[0]
+    chunk = build_chunks(model, ParallelConfig(), geom, "local", params_dtype(run))[0]
     if device != "cpu":
         chunk.to(device)
     sharded = checkpoint.model_sharded_state([chunk])

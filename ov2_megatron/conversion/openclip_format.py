@@ -1,10 +1,20 @@
-"""Import OpenCLIP ViT weights (the released OpenVision 2 format: `open_clip_config.json` +
+"""Import OpenCLIP ViT weights (the released OpenVision format: `open_clip_config.json` +
 `open_clip_pytorch_model.bin`, vision-only or with a text tower) as a standard state dict and
 the VisionConfig that holds them exactly.
 
-OpenCLIP's VisionTransformer, piece by piece:
+The released OpenVision vision towers (the official repository's
+src/convert_upload/open_clip/model_configs/openvision-vit-*.json) are configured as
+`no_ln_pre: true`, `pool_type: "avg"`, `final_ln_after_pool: true`, `norm_kwargs.eps` 1e-6,
+`head_width` 64 (72 / 80 for So400m / H), exact GELU. open_clip 3.3.0's VisionTransformer then
+returns, with `output_tokens=True` and before `proj`:
+    tokens  = x[:, 1:], the raw output of the last block without CLS (ln_post is not applied
+              to the tokens when final_ln_after_pool is set)    = encode()'s patch tokens
+    pooled  = ln_post(x[:, 1:].mean(1)), CLS excluded            = encode()'s pooled feature
+which is our encoder exactly; `ln_post` becomes `vision.norm`, the pooled norm.
+
+Piece by piece:
 - conv1 (no bias), transformer.resblocks.N.{ln_1, attn.in_proj_* (rows [q; k; v]),
-  attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post: one to one;
+  attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}: one to one; ln_post -> vision.norm;
 - class_embedding + positional_embedding[0] (the CLS row): both are constants added to the
   CLS token before the first block, so their sum becomes our CLS token (exact);
 - positional_embedding[1:]: our fixed table if it equals big_vision's sin-cos table (within
@@ -12,14 +22,15 @@ OpenCLIP's VisionTransformer, piece by piece:
   to us);
 - ls_1 / ls_2 layer scale: folded into out_proj / c_proj (gamma * (W x + b)), exact up to
   float rounding;
-- proj (the contrastive projection of the pooled feature) is dropped: encode() returns the
-  features before it, which is what LLaVA-style models consume;
+- proj (and the OpenVision fork's proj_bias), the contrastive projection of the pooled
+  feature, is dropped: encode() returns the features before it, which LLaVA-style models use;
 - LayerNorm eps from vision_cfg.norm_kwargs (OpenCLIP's default 1e-5 otherwise) becomes
   model.layernorm_eps; the mean/std of preprocess_cfg become data.mean/std.
-Refused, naming the reason, because our encoder has no counterpart: ln_pre (a LayerNorm before
-the blocks; OpenVision 2 exports set no_ln_pre), QuickGELU or tanh-GELU, attentional pooling,
-final_ln_after_pool, custom attention blocks (qk_norm, scaled cosine, head scales), timm or
-ResNet towers, non-square inputs.
+Refused, naming the reason, because our encoder cannot hold them exactly: ln_pre (a LayerNorm
+before the blocks: no_ln_pre unset, or ln_pre weights), pool_type 'tok' (pooled = LN(CLS)) or
+'none', final_ln_after_pool unset (ln_post on every token: our tokens carry no LayerNorm),
+attentional pooling, QuickGELU or tanh-GELU in the vision tower, custom attention blocks
+(qk_norm, scaled cosine, head scales), timm or ResNet towers, non-square inputs.
 """
 
 from __future__ import annotations
@@ -40,8 +51,9 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 OPENCLIP_DEFAULT_EPS = 1e-5
 SINCOS_TOLERANCE = 1e-6
-_UNSUPPORTED_FLAGS = ("attentional_pool", "final_ln_after_pool", "qk_norm", "scaled_cosine_attn",
-                      "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_UNSUPPORTED_FLAGS = ("attentional_pool", "qk_norm", "scaled_cosine_attn", "scale_heads",
+                      "scale_attn_inner", "scale_attn", "scale_fc")
+PROJECTIONS = ("proj", "proj_bias")  # the contrastive head on the pooled feature: dropped
 
 
 @dataclasses.dataclass
@@ -111,13 +123,24 @@ def _refuse_unsupported(model_cfg: dict, cfg: dict, where: str) -> None:
         reasons.append("quick_gelu: this model uses exact GELU")
     if cfg.get("timm_model_name") or isinstance(cfg.get("layers"), (list, tuple)):
         reasons.append("a timm or ResNet vision tower: only OpenCLIP's own ViT is supported")
+    if not cfg.get("no_ln_pre"):
+        reasons.append("no_ln_pre is not set: OpenCLIP applies ln_pre, a LayerNorm before the "
+                       "blocks, which this model does not have")
+    pool = cfg.get("pool_type", "tok")  # OpenCLIP's defaults
+    if pool != "avg":
+        reasons.append(f"pool_type {pool!r}: this model's pooled feature is LN(mean of the "
+                       "patch tokens), pool_type 'avg'")
+    if not cfg.get("final_ln_after_pool"):
+        reasons.append("final_ln_after_pool is not set: OpenCLIP applies ln_post to every "
+                       "token, while this model's tokens carry no LayerNorm (it normalises "
+                       "only the pooled feature)")
     reasons += [f"{flag}: no counterpart in this model" for flag in _UNSUPPORTED_FLAGS
                 if cfg.get(flag)]
     if cfg.get("block_type") not in (None, "default"):
         reasons.append(f"block_type {cfg['block_type']!r}: only the default block is supported")
     act = cfg.get("act_kwargs") or {}
     if any(k != "approximate" for k in act) or act.get("approximate", "none") != "none":
-        reasons.append(f"act_kwargs {act}: this model uses exact GELU")
+        reasons.append(f"act_kwargs {act}: this model uses exact GELU in the vision tower")
     norm = cfg.get("norm_kwargs") or {}
     if any(k != "eps" for k in norm):
         reasons.append(f"norm_kwargs {norm}: only eps is supported")
@@ -171,14 +194,13 @@ def _convert(visual: dict[str, torch.Tensor], model_cfg: dict, where: str) -> Op
     for i in range(depth):
         out.update(_block(take, f"transformer.resblocks.{i}", f"vision.blocks.{i}", width, mlp,
                           pending, notes))
-    out["vision.norm.weight"] = take("ln_post.weight", (width,))
+    out["vision.norm.weight"] = take("ln_post.weight", (width,))  # on the pooled feature only
     out["vision.norm.bias"] = take("ln_post.bias", (width,))
-    if "proj" in pending:
-        notes.append(f"proj {tuple(pending.pop('proj').shape)} (contrastive projection of the "
-                     "pooled feature) dropped: encode() returns the features before it")
-    if cfg.get("pool_type", "tok") != "tok":
-        notes.append(f"pool_type {cfg['pool_type']!r}: encode()'s pooled feature is the CLS "
-                     "output (patch tokens are unaffected)")
+    dropped = [f"{name} {tuple(pending.pop(name).shape)}" for name in PROJECTIONS
+               if name in pending]
+    if dropped:
+        notes.append(f"{', '.join(dropped)} (contrastive projection of the pooled feature) "
+                     "dropped: encode() returns the features before it")
     if pending:
         raise ConversionError(f"{where}: unexpected tensors with no counterpart in this model: "
                               + ", ".join(f"visual.{k}" for k in sorted(pending)[:8]))
@@ -221,7 +243,7 @@ def target_run(vision: OpenClipVision, base: RunConfig, tp: int, pp: int) -> Run
         base.model.vision, variant=f"{name}/{patch_in_name}", image_size=vision.image_size,
         width=vision.width, depth=vision.depth, mlp_dim=vision.mlp_dim,
         num_heads=vision.num_heads, patch_size=vision.patch_size, in_channels=3,
-        class_token=True, num_registers=0, pos_embed=vision.pos_embed)
+        class_token=True, num_registers=0, pos_embed=vision.pos_embed, gelu_approximate="none")
     base.model.layernorm_eps = vision.layernorm_eps
     base.data.resolution = vision.image_size
     if vision.mean is not None:

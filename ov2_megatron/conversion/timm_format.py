@@ -3,8 +3,11 @@ itself pushes to the Hugging Face Hub, so the folder loads with
 
     timm.create_model("local-dir:OUT", pretrained=True)      # or hf-hub:ORG/NAME once pushed
 
-and `model.forward_features(x)[:, model.num_prefix_tokens:]` equals encode()'s patch tokens,
-`model.forward_head(model.forward_features(x), pre_logits=True)` its pooled feature.
+and `model.forward_features(x)[:, model.num_prefix_tokens:]` equals encode()'s patch tokens
+(the raw output of the last block), `model.forward_head(model.forward_features(x),
+pre_logits=True)` its pooled feature LN(mean of the patch tokens). timm expresses the
+official model exactly, so there is nothing to approximate (transformers' AutoModel loads the
+same folder as a TimmWrapperModel: hf_format.py).
 
 How our encoder maps onto VisionTransformer's arguments:
 - class_token / reg_tokens as ours, `no_embed_class=True`: positions on patch tokens only,
@@ -12,12 +15,16 @@ How our encoder maps onto VisionTransformer's arguments:
   [CLS, registers, patches], as ours);
 - `pos_embed='learn'` holding our table at the export resolution (a sin-cos table is just
   data to timm); `dynamic_img_size=True` lets timm run other resolutions by resizing it;
-- `pre_norm=False` (no norm before the blocks), final norm on all tokens, `fc_norm=False`
-  (without it timm would move the final norm after pooling when pooling by average),
-  `global_pool='token'` (CLS) or `'avg'` over patch tokens without CLS, like encode();
+- `pre_norm=False` (no norm before the blocks); `global_pool='avg'` with `fc_norm=True` and
+  `final_norm=True`: timm then builds `norm` as Identity (no LayerNorm on the tokens) and
+  `fc_norm` as the LayerNorm after pooling, which holds our pooled norm; 'avg' pooling
+  averages tokens [num_prefix_tokens:] (pool_include_prefix defaults to False), i.e. the
+  patch tokens without CLS and registers, as encode() does;
 - timm's patch conv always has a bias here (`bias = not pre_norm`): written as zeros;
 - Attention (qkv rows [q; k; v], biases), Mlp with nn.GELU (exact), LayerNorm eps 1e-6 are
   timm's defaults; another eps cannot be expressed in config.json and is refused.
+- `num_classes` only at the top level of config.json (timm reads it there; in model_args it
+  would clash with the num_classes=0 transformers' TimmWrapperModel passes itself).
 """
 
 from __future__ import annotations
@@ -50,22 +57,22 @@ def state_dict(tower: VisionTower) -> dict[str, torch.Tensor]:
         for part, tensor in block.items():
             module, leaf = part.rsplit(".", 1)
             out[f"blocks.{i}.{ours_to_timm[module]}.{leaf}"] = tensor
-    out["norm.weight"], out["norm.bias"] = tower.norm_weight, tower.norm_bias
+    out["fc_norm.weight"], out["fc_norm.bias"] = tower.pooled_norm_weight, tower.pooled_norm_bias
     return {name: tensor.float().contiguous() for name, tensor in out.items()}
 
 
 def config(tower: VisionTower) -> dict:
     if tower.layernorm_eps != TIMM_LAYERNORM_EPS:
         raise ConversionError(f"model.layernorm_eps {tower.layernorm_eps}: timm's ViT config can "
-                              f"only express LayerNorm eps {TIMM_LAYERNORM_EPS}; use export-hf")
-    pool = "token" if tower.cls_token is not None else "avg"
+                              f"only express LayerNorm eps {TIMM_LAYERNORM_EPS}; use export-hf "
+                              "--hf-class vit")
     model_args = dict(
         img_size=tower.image_size, patch_size=tower.patch_size, in_chans=tower.in_channels,
         embed_dim=tower.width, depth=tower.depth, num_heads=tower.num_heads,
         mlp_ratio=exact_mlp_ratio(tower.width, tower.mlp_dim), qkv_bias=True,
         class_token=tower.cls_token is not None, reg_tokens=tower.num_registers,
         no_embed_class=True, pos_embed="learn", pre_norm=False, final_norm=True,
-        fc_norm=False, global_pool=pool, num_classes=0, dynamic_img_size=True)
+        fc_norm=True, global_pool="avg", dynamic_img_size=True)
     size = tower.image_size
     pretrained_cfg = dict(
         tag="ov2_megatron", custom_load=False, input_size=[tower.in_channels, size, size],
@@ -73,7 +80,7 @@ def config(tower: VisionTower) -> dict:
         mean=list(tower.mean), std=list(tower.std), num_classes=0, pool_size=None,
         first_conv="patch_embed.proj", classifier="head")
     return dict(architecture=ARCHITECTURE, num_classes=0, num_features=tower.width,
-                global_pool=pool, model_args=model_args, pretrained_cfg=pretrained_cfg)
+                global_pool="avg", model_args=model_args, pretrained_cfg=pretrained_cfg)
 
 
 def export(tower: VisionTower, output: str) -> str:

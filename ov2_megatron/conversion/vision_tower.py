@@ -1,11 +1,17 @@
 """The encoder of a standard state dict as every external ViT format sees it.
 
-Our ViT: patch conv (no bias) -> + position table on the patch tokens only -> [CLS;
-registers; patches] -> pre-LN blocks (exact GELU) -> final LayerNorm. The position table is
-materialised at the export resolution: the fixed sin-cos table is regenerated for that grid
-and a learned one is resized with the same bicubic interpolation encode() uses, so an export
-equals encode() exactly at that resolution. (Other formats resize a stored table their own
-way at other resolutions; only there can they differ from encode().)
+Our ViT (the official OpenVision 2 one): patch conv (no bias) -> + position table on the patch
+tokens only -> [CLS; registers; patches] -> pre-LN blocks (exact GELU), with no LayerNorm
+before the blocks and none on the output tokens. Its two features, which every export must
+reproduce:
+    patch tokens  the raw output of the last block, CLS and registers dropped (what the
+                  caption decoder was trained on)
+    pooled        LN(mean of the patch tokens), `pooled_norm` (official pool_type 'gap' +
+                  encoder_norm); the only LayerNorm after the blocks
+The position table is materialised at the export resolution: the fixed sin-cos table is
+regenerated for that grid and a learned one is resized with the same bicubic interpolation
+encode() uses, so an export equals encode() exactly at that resolution. (Other formats resize
+a stored table their own way at other resolutions; only there can they differ from encode().)
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ov2_megatron.config import SequenceGeometry
 from ov2_megatron.conversion import ConversionError
 from ov2_megatron.models.vision_encoder import interpolate_pos_embed, sincos_table
 from ov2_megatron.training.run_config import RunConfig
@@ -40,8 +45,8 @@ class VisionTower:
     registers: torch.Tensor | None  # [R, w]
     positions: torch.Tensor  # [grid^2, w], added to the patch tokens only
     blocks: list[dict[str, torch.Tensor]]  # BLOCK_PARTS -> tensor, qkv rows [q; k; v]
-    norm_weight: torch.Tensor
-    norm_bias: torch.Tensor
+    pooled_norm_weight: torch.Tensor  # the LayerNorm of the pooled feature only
+    pooled_norm_bias: torch.Tensor
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -54,7 +59,7 @@ class VisionTower:
         return int(self.cls_token is not None) + self.num_registers
 
 
-def from_standard(standard: dict[str, torch.Tensor], run: RunConfig, geom: SequenceGeometry,
+def from_standard(standard: dict[str, torch.Tensor], run: RunConfig,
                   image_size: int | None = None) -> VisionTower:
     vision = run.model.vision
     vit, patch = vision.shape()
@@ -72,11 +77,12 @@ def from_standard(standard: dict[str, torch.Tensor], run: RunConfig, geom: Seque
         layernorm_eps=run.model.layernorm_eps,
         patch_weight=standard["vision.patch_embed.weight"],
         cls_token=standard.get("vision.cls_token"),
-        registers=standard.get("vision.registers") if geom.num_registers else None,
+        registers=standard["vision.registers"] if vision.num_registers else None,
         positions=positions.contiguous(),
         blocks=[{part: standard[f"vision.blocks.{i}.{part}"] for part in BLOCK_PARTS}
                 for i in range(vit.depth)],
-        norm_weight=standard["vision.norm.weight"], norm_bias=standard["vision.norm.bias"],
+        pooled_norm_weight=standard["vision.norm.weight"],
+        pooled_norm_bias=standard["vision.norm.bias"],
         mean=tuple(run.data.mean), std=tuple(run.data.std))
 
 

@@ -26,6 +26,11 @@ CONVERT_VENV = os.path.join(ROOT, ".venv-convert")
 CONVERT_PYTHON = os.path.join(CONVERT_VENV, "bin", "python")
 THIRD_PARTY_SCRIPT = os.path.join(ROOT, "tests", "conversion", "third_party_features.py")
 TOLERANCE = 1e-5  # fp32 features, this framework vs the third-party package
+# Measured on a 2-core box (tests/conversion alone, ~4 min): the longest run_tools call took
+# 59 s (import-openclip writing TP=2 + export + extract), the longest third_party call 22 s
+# (open_clip import + build). 5x and more covers a loaded CI machine of that size.
+TOOLS_TIMEOUT_S = 300
+THIRD_PARTY_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -39,21 +44,22 @@ def convert_python() -> str:
 
 def third_party(python: str, *jobs: tuple) -> list[dict]:
     """Run third_party_features.py in .venv-convert, one process for all `jobs`
-    ((library, model_dir, pixels, out_dir, *flags) each); returns each job's features + info."""
+    ((library, model_dir, pixels, out_dir, *flags) each); returns each job's arrays by name
+    (patch_tokens, pooled, penultimate, ...) and its `info`."""
     argv = []
     for job in jobs:
         argv += ["--job", *job[:4]] + list(job[4:])
     done = subprocess.run([python, THIRD_PARTY_SCRIPT, *argv], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          timeout=THIRD_PARTY_TIMEOUT_S, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, f"third_party_features.py failed:\n{done.stderr[-4000:]}"
     results = []
     for job in jobs:
         out_dir = job[3]
         with open(os.path.join(out_dir, "info.json")) as f:
-            info = json.load(f)
-        results.append(dict(info=info,
-                            patch_tokens=np.load(os.path.join(out_dir, "patch_tokens.npy")),
-                            pooled=np.load(os.path.join(out_dir, "pooled.npy"))))
+            result = dict(info=json.load(f))
+        result.update({name[:-len(".npy")]: np.load(os.path.join(out_dir, name))
+                       for name in os.listdir(out_dir) if name.endswith(".npy")})
+        results.append(result)
     return results
 
 
@@ -77,7 +83,8 @@ def _tools_rank(commands: list[tuple[str, list[str]]]) -> list[tuple[int, str, s
 def run_tools(*commands: tuple[str, list[str]], check: bool = True) -> list[tuple[int, str, str]]:
     """Run tools' main(argv) one after another in one fresh process (megatron is built there,
     and one process saves the imports a subprocess per command would repeat)."""
-    results = run_distributed(_tools_rank, 1, args=(list(commands),), timeout=300)[0]
+    results = run_distributed(_tools_rank, 1, args=(list(commands),),
+                              timeout=TOOLS_TIMEOUT_S)[0]
     if check:
         for (tool, argv), (code, _, err) in zip(commands, results):
             assert code == 0, f"{tool} {' '.join(argv)} exited {code}:\n{err[-3000:]}"
@@ -119,10 +126,11 @@ def pixels(tmp_path_factory) -> str:
     return path
 
 
-def assert_features_close(ours: dict, theirs: dict, what: str) -> float:
-    """Patch tokens and pooled features equal within TOLERANCE; returns the max difference."""
+def assert_features_close(ours: dict, theirs: dict, what: str,
+                          names=("patch_tokens", "pooled")) -> float:
+    """The named features equal within TOLERANCE; returns the max difference."""
     worst = 0.0
-    for name in ("patch_tokens", "pooled"):
+    for name in names:
         assert ours[name].shape == theirs[name].shape, (what, name, ours[name].shape,
                                                         theirs[name].shape)
         diff = float(np.abs(ours[name] - theirs[name]).max())

@@ -4,11 +4,14 @@ third-party packages, or builds an OpenCLIP model and saves it in the released f
 
     python third_party_features.py --job LIBRARY MODEL_DIR PIXELS.npy OUT_DIR [--job ...]
 
-LIBRARY is timm or hf (load the exported MODEL_DIR), or openclip-make (MODEL_DIR holds
-open_clip_config.json; the model is built, randomised and saved there as
-open_clip_pytorch_model.bin). Several jobs share one process (one torch import).
-Each job writes OUT_DIR/patch_tokens.npy [N, patches, w], OUT_DIR/pooled.npy [N, w] and
-OUT_DIR/info.json. Self-contained: nothing of ov2_megatron is imported here.
+LIBRARY is timm, hf (TimmWrapperModel) or hf-vit (ViTModel / Dinov2WithRegistersModel), which
+load the exported MODEL_DIR, or openclip-make (MODEL_DIR holds open_clip_config.json; the model
+is built, randomised and saved there as open_clip_pytorch_model.bin). Several jobs share one
+process (one torch import). Each job writes, in OUT_DIR, the official features as that library
+exposes them, patch_tokens.npy [N, patches, w] (raw output of the last block) and pooled.npy
+[N, w], penultimate.npy [N, patches, w] (the block before the last, what LLaVA's default
+mm_vision_select_layer=-2 takes), hf-vit also last_hidden_state.npy and pooler_output.npy,
+and info.json. Self-contained: nothing of ov2_megatron is imported here.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ def timm_features(model_dir: str, pixels: torch.Tensor):
     with torch.no_grad():
         features = model.forward_features(pixels)
         pooled = model.forward_head(features, pre_logits=True)
+        # the last two blocks' outputs, prefix tokens dropped: [0] is the penultimate block
+        penultimate = model.forward_intermediates(pixels, indices=2, output_fmt="NLC",
+                                                  intermediates_only=True)[0]
     info = dict(library=f"timm {timm.__version__}", model_class=type(model).__name__,
-                num_prefix_tokens=model.num_prefix_tokens)
-    return features[:, model.num_prefix_tokens:], pooled, info
+                num_prefix_tokens=model.num_prefix_tokens, norm=type(model.norm).__name__,
+                fc_norm=type(model.fc_norm).__name__)
+    return dict(patch_tokens=features[:, model.num_prefix_tokens:], pooled=pooled,
+                penultimate=penultimate), info
 
 
-def hf_features(model_dir: str, pixels: torch.Tensor):
+def _load_hf(model_dir: str):
+    """AutoModel, refusing a load that left any tensor missing, unexpected or mismatched."""
     import transformers
     from transformers import AutoImageProcessor, AutoModel
 
@@ -42,15 +51,58 @@ def hf_features(model_dir: str, pixels: torch.Tensor):
     problems = {k: v for k, v in loading.items() if v}
     if problems:
         raise SystemExit(f"transformers did not load every tensor exactly: {problems}")
-    model.eval()
-    with torch.no_grad():
-        out = model(pixel_values=pixels)
-    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
     processor = AutoImageProcessor.from_pretrained(model_dir)
+    config = getattr(processor, "data_config", None)  # TimmWrapperImageProcessor
+    mean = config["mean"] if config else processor.image_mean
+    std = config["std"] if config else processor.image_std
     info = dict(library=f"transformers {transformers.__version__}",
-                model_class=type(model).__name__, num_prefix_tokens=prefix,
-                image_mean=list(processor.image_mean), image_std=list(processor.image_std))
-    return out.last_hidden_state[:, prefix:], out.pooler_output, info
+                model_class=type(model).__name__, processor=type(processor).__name__,
+                image_mean=list(mean), image_std=list(std))
+    return model.eval(), info
+
+
+def hf_timm_wrapper_features(model_dir: str, pixels: torch.Tensor):
+    """TimmWrapperModel: its outputs are the official features."""
+    from safetensors.torch import load_file
+
+    model, info = _load_hf(model_dir)
+    loaded = model.state_dict()
+    written = load_file(os.path.join(model_dir, "model.safetensors"))
+    altered = [k for k, v in written.items() if not torch.equal(loaded[f"timm_model.{k}"], v)]
+    if altered or len(loaded) != len(written):
+        raise SystemExit(f"TimmWrapperModel holds {len(loaded)} tensors for {len(written)} "
+                         f"written; altered on load: {altered[:8]}")
+    with torch.no_grad():
+        out = model(pixel_values=pixels, output_hidden_states=True)
+    prefix = model.timm_model.num_prefix_tokens
+    patches = out.last_hidden_state[:, prefix:]
+    # timm's intermediates: [b, w, g, g] per block, prefix tokens dropped
+    last, penultimate = (h.flatten(2).transpose(1, 2) for h in out.hidden_states[-1:-3:-1])
+    info.update(num_prefix_tokens=prefix, num_hidden_states=len(out.hidden_states),
+                hidden_states_last_vs_tokens=float((last - patches).abs().max()))
+    return dict(patch_tokens=patches, pooled=out.pooler_output, penultimate=penultimate), info
+
+
+def hf_native_features(model_dir: str, pixels: torch.Tensor):
+    """ViTModel / Dinov2WithRegistersModel: the official features are hidden_states[-1] and
+    layernorm(its mean); last_hidden_state and pooler_output are saved to show they differ."""
+    model, info = _load_hf(model_dir)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, output_hidden_states=True)
+        prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+        last = out.hidden_states[-1]
+        patches = last[:, prefix:]
+        pooled = model.layernorm(patches.mean(dim=1))
+        info.update(
+            num_prefix_tokens=prefix, num_hidden_states=len(out.hidden_states),
+            last_hidden_state_vs_layernorm_of_every_token=float(
+                (out.last_hidden_state - model.layernorm(last)).abs().max()),
+            pooler_output_vs_layernorm_of_cls=float(
+                (out.pooler_output - model.layernorm(last[:, 0])).abs().max()))
+    return dict(patch_tokens=patches, pooled=pooled,
+                penultimate=out.hidden_states[-2][:, prefix:],
+                last_hidden_state=out.last_hidden_state[:, prefix:],
+                pooler_output=out.pooler_output), info
 
 
 def big_vision_sincos(grid: int, width: int) -> np.ndarray:
@@ -99,9 +151,13 @@ def openclip_make(model_dir: str, pixels: torch.Tensor, seed: int, sincos: bool)
     visual.output_tokens, visual.proj = True, None  # features before the projection
     with torch.no_grad():
         pooled, tokens = visual(pixels)
+        penultimate = visual.forward_intermediates(pixels, indices=2, output_fmt="NLC",
+                                                   intermediates_only=True)
     info = dict(library=f"open_clip {open_clip.__version__}", model_class=type(visual).__name__,
-                tensors=sorted(state), ln_pre=type(visual.ln_pre).__name__)
-    return tokens, pooled, info
+                tensors=sorted(state), ln_pre=type(visual.ln_pre).__name__,
+                pool_type=visual.pool_type, final_ln_after_pool=visual.final_ln_after_pool)
+    return dict(patch_tokens=tokens, pooled=pooled,
+                penultimate=penultimate["image_intermediates"][0]), info
 
 
 def main() -> None:
@@ -113,20 +169,19 @@ def main() -> None:
                         help="openclip-make: big_vision's sin-cos table in the patch rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    readers = {"timm": timm_features, "hf": hf_timm_wrapper_features, "hf-vit": hf_native_features}
     for library, model_dir, pixels_path, out_dir in args.job:
         pixels = torch.from_numpy(np.load(pixels_path))
-        if library == "timm":
-            tokens, pooled, info = timm_features(model_dir, pixels)
-        elif library == "hf":
-            tokens, pooled, info = hf_features(model_dir, pixels)
+        if library in readers:
+            arrays, info = readers[library](model_dir, pixels)
         elif library == "openclip-make":
-            tokens, pooled, info = openclip_make(model_dir, pixels, args.seed,
-                                                 args.big_vision_sincos)
+            arrays, info = openclip_make(model_dir, pixels, args.seed, args.big_vision_sincos)
         else:
-            raise SystemExit(f"unknown library {library!r}: use timm, hf or openclip-make")
+            raise SystemExit(f"unknown library {library!r}: use {', '.join(readers)} or "
+                             "openclip-make")
         os.makedirs(out_dir, exist_ok=True)
-        np.save(os.path.join(out_dir, "patch_tokens.npy"), tokens.float().numpy())
-        np.save(os.path.join(out_dir, "pooled.npy"), pooled.float().numpy())
+        for name, value in arrays.items():
+            np.save(os.path.join(out_dir, f"{name}.npy"), value.float().numpy())
         info["torch"] = torch.__version__
         with open(os.path.join(out_dir, "info.json"), "w") as f:
             json.dump(info, f, indent=2)
