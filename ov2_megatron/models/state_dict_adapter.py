@@ -28,6 +28,12 @@ _LAYER_PARTS = {
     "pre_mlp_layernorm.weight": "ln2.weight", "pre_mlp_layernorm.bias": "ln2.bias",
     "mlp.linear_fc1.weight": "mlp.fc1.weight", "mlp.linear_fc1.bias": "mlp.fc1.bias",
     "mlp.linear_fc2.weight": "mlp.fc2.weight", "mlp.linear_fc2.bias": "mlp.fc2.bias",
+    # The TE spec fuses each pre-norm into the linear after it (TE's LayerNormLinear registers
+    # them as `layer_norm_weight` / `layer_norm_bias`): the same tensors as the local norms.
+    "self_attention.linear_qkv.layer_norm_weight": "ln1.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "ln1.bias",
+    "mlp.linear_fc1.layer_norm_weight": "ln2.weight",
+    "mlp.linear_fc1.layer_norm_bias": "ln2.bias",
 }
 _OTHER = {
     "embedding.patch_embed.weight": "vision.patch_embed.weight",

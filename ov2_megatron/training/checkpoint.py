@@ -50,12 +50,26 @@ def start_writer_shielded() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    start = write_results_queue_factory(filesystem_async)
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        filesystem_async._get_write_results_queue()
+        start()  # spawns the Manager that owns the queue, with the signals ignored
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def write_results_queue_factory(filesystem_async):
+    """megatron's function that creates the writer's results queue: `get_write_results_queue`
+    from 0.17 on (an optional mp_mode defaulting to 'spawn'), `_get_write_results_queue` in
+    0.16. Raises naming both if a release has neither."""
+    for name in ("get_write_results_queue", "_get_write_results_queue"):
+        factory = getattr(filesystem_async, name, None)
+        if callable(factory):
+            return factory
+    raise RuntimeError("megatron.core.dist_checkpointing.strategies.filesystem_async has "
+                       "neither get_write_results_queue (0.17+) nor _get_write_results_queue "
+                       "(0.16): re-validate checkpoint.start_writer_shielded on this release")
 
 
 def layout_signature(parallel, world_size: int) -> dict:
