@@ -11,9 +11,12 @@
 FROM nvcr.io/nvidia/pytorch:25.10-py3
 
 WORKDIR /opt/ov2_megatron
-COPY setup.py README.md ./
+COPY setup.py README.md pytest.ini ./
 COPY ov2_megatron ./ov2_megatron
+COPY kernels ./kernels
 COPY tools ./tools
+COPY launch ./launch
+COPY tests ./tests
 
 # Freeze the image's torch (and its DALI) so that no dependency resolution can swap them.
 RUN pip freeze | grep -iE '^(torch|nvidia-dali[a-z0-9-]*)==' > /tmp/image-constraints.txt \

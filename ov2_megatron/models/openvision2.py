@@ -90,8 +90,8 @@ class OpenVision2(MegatronModule):
                 keep_idx: torch.Tensor | None):
         """Returns the hidden states to send, or on the last chunk the loss sums:
         {'loss_sum', 'num_tokens', 'correct'} over caption tokens (PAD excluded)."""
-        if tokens is not None and not tokens.is_cuda:  # free on CPU; GPU batches are checked
-            check_token_ids(tokens, self.vocab_size)  # on the host before the copy
+        if tokens is not None and not tokens.is_cuda:  # free on CPU; on GPUs the tokenizer is
+            check_token_ids(tokens, self.vocab_size)  # checked against the vocabulary at set-up
         x = self.embedding(images) if self.embedding is not None else self.input_tensor
         num_image = keep_idx.shape[1]
         if self.vision_layers is not None:

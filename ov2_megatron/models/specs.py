@@ -14,6 +14,7 @@ names onto TE's fused names in the sharded state dict (as megatron's GPT specs d
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +50,41 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def resolve_impl(requested: str) -> str:
+# megatron's fused softmax (fusions/fused_softmax.py) imports these CUDA extensions, which
+# Apex builds; without them a bf16 step with masked_softmax_fusion on dies on the import.
+FUSED_SOFTMAX_MODULES = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                         "scaled_softmax_cuda")
+
+
+def fused_softmax_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in FUSED_SOFTMAX_MODULES)
+
+
+def apex_available() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+def resolve_impl(requested: str, sequence_parallel: bool = False) -> str:
+    impl = requested
     if requested == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
-    if requested == "transformer_engine" and not transformer_engine_available():
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    elif requested == "transformer_engine" and not transformer_engine_available():
         raise ValueError("transformer_impl 'transformer_engine' needs CUDA and Transformer "
                          "Engine (NGC PyTorch containers ship it); use 'local' or 'auto'")
-    return requested
+    check_sequence_parallel_norm(impl, sequence_parallel, torch.cuda.is_available(),
+                                 apex_available())
+    return impl
+
+
+def check_sequence_parallel_norm(impl: str, sequence_parallel: bool, on_gpu: bool,
+                                 apex: bool) -> None:
+    """On GPUs, sequence parallelism needs a LayerNorm that knows it (TE's or Apex's): megatron's
+    torch LayerNorm refuses it, and only the CPU layer (cpu_backend) makes it work on CPU."""
+    if sequence_parallel and on_gpu and impl == "local" and not apex:
+        raise ValueError("parallel.sequence_parallel with transformer_impl 'local' needs Apex's "
+                         "fused LayerNorm on GPUs, and Apex is not installed: use "
+                         "transformer_impl 'transformer_engine' (or 'auto' where TE is), "
+                         "install Apex, or turn sequence parallelism off")
 
 
 def layer_spec(impl: str, mask: AttnMaskType) -> ModuleSpec:
@@ -173,9 +202,9 @@ def stack_config(shape: TransformerShape, num_layers: int, model: ModelConfig,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         # The fused kernels compute the same function as their unfused forms (the activation
-        # is handled by _activation).
+        # is handled by _activation); the fused softmax only where its extension exists.
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
+        masked_softmax_fusion=fused and fused_softmax_available(),
         apply_rope_fusion=False,
         attention_softmax_in_fp32=True,
         **_activation(gelu_approximate, fused),

@@ -174,7 +174,7 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     geom = validate_run(run, world, capability)
     p, t = run.parallel, run.train
     initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=t.seed)
-    impl = specs.resolve_impl(run.model.transformer_impl)
+    impl = specs.resolve_impl(run.model.transformer_impl, run.parallel.sequence_parallel)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     micro_batches = t.global_batch // (t.micro_batch * dp)

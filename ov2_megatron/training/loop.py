@@ -59,9 +59,9 @@ def setup(run: RunConfig):
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     geom = validate_run(run, world, capability)  # 1
     p = run.parallel
+    impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
     initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=run.train.seed)  # 2
     prepare_data(run)  # 3
-    impl = specs.resolve_impl(run.model.transformer_impl)
     return (geom, impl, *build_model_and_optimizer(run, geom, impl))  # 4
 
 
@@ -104,6 +104,24 @@ def prepare_data(run: RunConfig) -> None:
         run.data.tokenizer_model = run.data.tokenizer_model or data.tokenizer_model
     run.data.validate()
     run.data.resolve_shards()  # a missing or unreadable shard is an error before compute
+    check_tokenizer_fits(run)
+
+
+def check_tokenizer_fits(run: RunConfig) -> None:
+    """Every id the tokenizer can emit must index the model's vocabulary. Checked here, on the
+    host, before compute: on a GPU an id past the embedding is a device-side assert."""
+    from ov2_megatron.data.tokenizer import CaptionTokenizer
+
+    tokenizer = CaptionTokenizer.from_file(run.data.tokenizer_model)
+    vocab = run.model.decoder.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"tokenizer {run.data.tokenizer_model} has {tokenizer.vocab_size} "
+                         f"pieces but model.decoder.vocab_size is {vocab}: set "
+                         f"model.decoder.vocab_size={tokenizer.vocab_size} (or more)")
+    if tokenizer.pad_id != run.model.decoder.pad_id:
+        raise ValueError(f"tokenizer {run.data.tokenizer_model} pads with id {tokenizer.pad_id} "
+                         f"but model.decoder.pad_id is {run.model.decoder.pad_id}: the loss "
+                         "mask would supervise padding; make them equal")
 
 
 def train(run: RunConfig) -> dict:

@@ -45,3 +45,56 @@ def test_te_fused_norm_names_map_to_the_local_norms():
         # the checkpoint key map of the local spec names the same TE tensor
         prefix = next(k for k in specs._LOCAL_TO_TE_NORM_KEYS if local.startswith(k))
         assert local.replace(prefix, specs._LOCAL_TO_TE_NORM_KEYS[prefix]) == te
+
+
+def test_fused_softmax_only_where_its_extension_exists(monkeypatch):
+    import importlib.machinery
+    import sys
+
+    import torch
+
+    from ov2_megatron.config import ModelConfig, ParallelConfig
+    from ov2_megatron.variants import TransformerShape
+
+    def config():
+        return specs.stack_config(TransformerShape(32, 1, 64, 4), 1, ModelConfig(),
+                                  ParallelConfig(), torch.float32, fused_kernels=True)
+
+    assert not specs.fused_softmax_available()  # no Apex extensions on this machine
+    assert config().masked_softmax_fusion is False and config().bias_dropout_fusion is True
+    for name in specs.FUSED_SOFTMAX_MODULES:  # as if Apex had built them
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    assert config().masked_softmax_fusion is True
+
+
+def test_sequence_parallel_with_the_local_spec_needs_apex_on_gpus():
+    with pytest.raises(ValueError, match="needs Apex's fused LayerNorm on GPUs"):
+        specs.check_sequence_parallel_norm("local", True, on_gpu=True, apex=False)
+    specs.check_sequence_parallel_norm("local", True, on_gpu=True, apex=True)
+    specs.check_sequence_parallel_norm("transformer_engine", True, on_gpu=True, apex=False)
+    specs.check_sequence_parallel_norm("local", True, on_gpu=False, apex=False)  # cpu_backend
+    specs.check_sequence_parallel_norm("local", False, on_gpu=True, apex=False)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_compute(tmp_path):
+    from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer
+    from ov2_megatron.recipes import get_recipe
+    from ov2_megatron.training.loop import check_tokenizer_fits
+
+    words = [f"word{i}" for i in range(60)]
+    path = train_tokenizer((" ".join(words[i:] + words[:i]) for i in range(200)),
+                           str(tmp_path / "sp"), vocab_size=80)
+    pieces = CaptionTokenizer.from_file(path).vocab_size
+    run = get_recipe("tiny_cpu")
+    run.data.tokenizer_model = path
+    run.model.decoder.vocab_size = pieces
+    check_tokenizer_fits(run)
+    run.model.decoder.vocab_size = pieces - 1
+    with pytest.raises(ValueError, match=f"has {pieces} pieces but model.decoder.vocab_size is "
+                                         f"{pieces - 1}"):
+        check_tokenizer_fits(run)
+    run.model.decoder.vocab_size, run.model.decoder.pad_id = pieces, 5
+    with pytest.raises(ValueError, match="pads with id 0 but model.decoder.pad_id is 5"):
+        check_tokenizer_fits(run)
