@@ -162,9 +162,7 @@ def extract(chunk, source: Source, output: str, features: str, batch_size: int,
         for batch_keys, pixels in batches(source, batch_size):
             with torch.no_grad():
                 encoded = chunk.encode(torch.from_numpy(pixels).to(device))
-            # detach: megatron's TransformerBlock returns its output through
-            # make_viewless_tensor(requires_grad=True), which marks it even under no_grad.
-            result = {name: value.detach().float().cpu().contiguous().numpy()
+            result = {name: value.float().cpu().contiguous().numpy()
                       for name, value in zip(("patch_tokens", "pooled"), encoded)}
             if npy:
                 value = result["patch_tokens" if features == "patch" else "pooled"]
