@@ -19,9 +19,10 @@ COPY launch ./launch
 COPY tests ./tests
 
 # Freeze the image's torch (and its DALI) so that no dependency resolution can swap them.
+# megatron-core is the release `make test` proves on Python 3.12 (requirements-py312.txt).
 RUN pip freeze | grep -iE '^(torch|nvidia-dali[a-z0-9-]*)==' > /tmp/image-constraints.txt \
  && pip install --no-cache-dir -c /tmp/image-constraints.txt \
-        "megatron-core>=0.16.1,<0.20" "sentencepiece>=0.2" "tensorboard>=2.15" "psutil>=5.9" \
+        "megatron-core==0.19.2" "sentencepiece>=0.2" "tensorboard>=2.15" "psutil>=5.9" \
  && pip install --no-cache-dir --no-deps -e .
 
 ENV CUDA_DEVICE_MAX_CONNECTIONS=1

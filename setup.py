@@ -1,8 +1,8 @@
 """ov2_megatron: OpenVision 2 (captioning-only vision-encoder pretraining) on megatron-core.
 
-Supported: Python 3.10-3.13, torch >= 2.4, megatron-core 0.16.1 (proven by the CPU test suite
-on Python 3.11) up to the 0.19 line that NGC containers on Python 3.12 carry; the code keeps
-to the APIs those releases share. Transformer Engine and Apex are optional and imported
+Supported: Python 3.10-3.13, torch >= 2.4 and the two megatron-core releases the test suite
+proves: 0.16.1 on Python < 3.12 (its newest release there) and 0.19.2 on Python >= 3.12 (the
+line NGC PyTorch containers resolve to; `make test` runs the suite on both). Transformer Engine and Apex are optional and imported
 lazily (GPU containers bring them). DALI comes from the container on GPU machines and from
 the `cpu` extra elsewhere; the pinned CPU environment is `requirements-cpu.txt`.
 """
@@ -17,7 +17,8 @@ setup(
     packages=find_packages(include=["ov2_megatron", "ov2_megatron.*", "kernels", "kernels.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.20",
+        "megatron-core==0.16.1; python_version < '3.12'",  # requirements-cpu.txt
+        "megatron-core==0.19.2; python_version >= '3.12'",  # requirements-py312.txt, Dockerfile
         "numpy>=1.24",
         "pillow>=10",
         "psutil>=5.9",  # megatron-core's dist_checkpointing.save needs it but does not declare it

@@ -11,15 +11,17 @@ What it does, process-wide and once:
 1. torch's factory functions and tensor moves map CUDA device requests (`device="cuda"`,
    `device=0`, `.to("cuda")`, `.cuda()`) to the CPU, and `Tensor.type()` answers megatron's
    `p.type()` asserts with the `torch.cuda.*` spelling (only for callers inside megatron);
-2. `torch.cuda.{current_device, synchronize, get/set_rng_state, manual_seed, ...}` answer for
-   the CPU, and megatron's RNG tracker swaps the CPU generator state where it would swap the
+2. `torch.cuda.{current_device, current_stream, synchronize, get/set_rng_state, manual_seed,
+   ...}` answer for the CPU, and megatron's RNG tracker swaps the CPU generator state where it would swap the
    CUDA one (so TP-rank-distinct dropout/init keeps its meaning);
 3. megatron's `WrappedTorchNorm` may be built under sequence parallelism, and its parameters
    are tagged `sequence_parallel=True` so their gradients are all-reduced over the TP group,
    which is what the Apex/TE norms do on GPU.
 
-`UPSTREAM_LOCATIONS` names every upstream place the layer covers; `check_upstream()` fails
-loudly when one of them disappears (a new megatron-core release must be re-validated).
+`UPSTREAM_LOCATIONS` names every upstream place the layer covers on each megatron-core line
+the test suite proves (0.16.1 on Python 3.11, 0.19.2 on Python 3.12); `check_upstream()` fails
+loudly when one of them disappears and refuses a release outside those lines, which must be
+re-validated first.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import threading
 import torch
 
 # (dotted upstream symbol, why the layer touches it). Checked by check_upstream().
-UPSTREAM_LOCATIONS: tuple[tuple[str, str], ...] = (
+_COMMON_LOCATIONS: tuple[tuple[str, str], ...] = (
     ("megatron.core.utils.GlobalMemoryBuffer.get_tensor",
      "SP all-gather buffer allocated on torch.cuda.current_device(): device rewrite"),
     ("megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim",
@@ -60,6 +62,38 @@ UPSTREAM_LOCATIONS: tuple[tuple[str, str], ...] = (
     ("megatron.core.transformer.torch_norm.WrappedTorchNorm",
      "asserts not sequence_parallel: built without it, params tagged sequence_parallel"),
 )
+
+# What each proven release adds to the common list, by (major, minor) line.
+_LINE_LOCATIONS: dict[tuple[int, int], tuple[tuple[str, str], ...]] = {
+    (0, 16): (),
+    (0, 19): (
+        ("megatron.core.distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync",
+         "waits on torch.cuda.current_stream() for CUDA-graph events: the CPU's no-op stream"),
+    ),
+}
+
+
+def megatron_line() -> tuple[int, int]:
+    import megatron.core
+
+    major, minor = megatron.core.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def upstream_locations() -> tuple[tuple[str, str], ...]:
+    """The locations covered on the installed megatron-core line; raises on an unproven line."""
+    line = megatron_line()
+    if line not in _LINE_LOCATIONS:
+        import megatron.core
+
+        proven = ", ".join(f"{major}.{minor}" for major, minor in _LINE_LOCATIONS)
+        raise RuntimeError(
+            f"ov2_megatron.cpu_backend: megatron-core {megatron.core.__version__} is not a line "
+            f"this layer was validated on ({proven}). Install a proven release "
+            "(requirements-cpu.txt / requirements-py312.txt) or validate the new one and add "
+            "its locations to _LINE_LOCATIONS."
+        )
+    return _COMMON_LOCATIONS + _LINE_LOCATIONS[line]
 
 _enabled = False
 _lock = threading.Lock()
@@ -93,14 +127,13 @@ def enable() -> None:
 
 def check_upstream() -> None:
     """Raise if any upstream symbol this layer covers is missing from megatron-core."""
-    missing = [name for name, _ in UPSTREAM_LOCATIONS if _resolve(name) is None]
+    missing = [name for name, _ in upstream_locations() if _resolve(name) is None]
     if missing:
         import megatron.core
 
         raise RuntimeError(
             f"ov2_megatron.cpu_backend: megatron-core {megatron.core.__version__} lacks "
-            f"{missing}. The CPU layer was validated against megatron-core 0.16.1; re-check "
-            "these locations before trusting CPU results on this version."
+            f"{missing}. Re-check these locations before trusting CPU results on this version."
         )
 
 
@@ -190,6 +223,8 @@ def _patch_torch_devices() -> None:
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: torch.device("cpu")  # megatron passes it as `device=`
+    # torch's CPU stream: wait_stream/wait_event/record_event exist and do nothing.
+    cuda.current_stream = lambda device=None: torch.cpu.current_stream()
     cuda.synchronize = lambda device=None: None
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)

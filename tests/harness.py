@@ -2,7 +2,7 @@
 
     results = run_distributed(check_tp_linear, world_size=2, args=(seed,))
 
-Each rank is a spawned process (nothing inherited from the pytest process: megatron's global
+Each rank is a fresh process (nothing inherited from the pytest process: megatron's global
 state, the CPU layer and torch's thread pools start clean) with the torchrun environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and an initialised gloo process group.
 `fn` must be importable (a module-level function). A failing rank's traceback is raised in
@@ -23,6 +23,21 @@ from typing import Any, Callable
 from ov2_megatron.parallel.initialize import free_port
 
 DEFAULT_TIMEOUT_S = 150.0
+
+# Ranks fork from a forkserver that has imported these and nothing else (no process group,
+# no CPU layer, no megatron global state, no torch thread pool yet): importing megatron-core
+# costs a rank ~4-8 s of CPU, paid once per test session instead of once per rank.
+_PRELOADED_MODULES = ["torch", "torch.distributed", "megatron.core", "ov2_megatron.training.loop"]
+
+
+def _rank_context():
+    if os.environ.get("OV2_BLOCK_MEGATRON") == "1":
+        # A megatron-free test (tests/conftest.py): no preload, and no forkserver that would
+        # outlive the blocked phase with megatron unimportable.
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOADED_MODULES)
+    return ctx
 
 
 class DistributedFailure(AssertionError):
@@ -64,7 +79,7 @@ def run_distributed(
     """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in order."""
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size {world_size} outside 1..8")
-    ctx = mp.get_context("spawn")
+    ctx = _rank_context()
     results = ctx.Queue()
     port = free_port()
     procs = [

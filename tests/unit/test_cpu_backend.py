@@ -10,16 +10,38 @@ from tests.harness import DistributedFailure, run_distributed
 
 def test_every_covered_upstream_symbol_exists():
     cpu_backend.check_upstream()  # raises, naming the symbols, if one disappeared
-    for name, why in cpu_backend.UPSTREAM_LOCATIONS:
+    locations = cpu_backend.upstream_locations()
+    for name, why in locations:
         assert cpu_backend._resolve(name) is not None, name
         assert why
+    # Each proven line carries its own additions (0.19 waits on CUDA streams in DDP).
+    stream_wait = "megatron.core.distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync"
+    assert (stream_wait in dict(locations)) == (cpu_backend.megatron_line() >= (0, 19))
 
 
 def test_missing_upstream_symbol_is_a_loud_error(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "UPSTREAM_LOCATIONS",
+    monkeypatch.setattr(cpu_backend, "_COMMON_LOCATIONS",
                         (("megatron.core.utils.NoSuchBuffer.get_tensor", "x"),))
     with pytest.raises(RuntimeError, match="NoSuchBuffer"):
         cpu_backend.check_upstream()
+
+
+def test_an_unproven_megatron_line_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "megatron_line", lambda: (0, 17))
+    with pytest.raises(RuntimeError, match=r"not a line this layer was validated on \(0\.16, 0\.19\)"):
+        cpu_backend.check_upstream()
+
+
+def stream_waits():
+    cpu_backend.enable()
+    stream = torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    stream.wait_event(torch.cpu.Event())
+    return type(stream).__module__
+
+
+def test_cuda_stream_waits_are_the_cpu_streams_no_ops():
+    assert run_distributed(stream_waits, 1) == ["torch.cpu"]
 
 
 def refuse_with_cuda():

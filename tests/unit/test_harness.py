@@ -1,5 +1,6 @@
 """The distributed test harness itself: results in rank order, tracebacks, and no hangs."""
 
+import os
 import time
 
 import pytest
@@ -48,3 +49,19 @@ def test_a_hanging_rank_times_out_instead_of_hanging():
     with pytest.raises(DistributedFailure, match="timed out"):
         run_distributed(hang_on_rank_zero, 2, timeout=8)
     assert time.monotonic() - start < 30
+
+
+def test_megatron_free_tests_cannot_import_megatron():
+    """The blocker that proves tests/conftest.py's MEGATRON_FREE list refuses megatron in a
+    subprocess of a blocked test (and lets it through elsewhere)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import BLOCKER_DIR
+
+    probe = [sys.executable, "-c", "import megatron"]
+    env = dict(os.environ, PYTHONPATH=BLOCKER_DIR, OV2_BLOCK_MEGATRON="1")
+    blocked = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+    assert blocked.returncode != 0 and "megatron-free" in blocked.stderr, blocked.stderr
+    env["OV2_BLOCK_MEGATRON"] = "0"
+    assert subprocess.run(probe, env=env, timeout=120).returncode == 0
