@@ -12,7 +12,6 @@ weights compute the same loss at every TP/SP/FP8 layout and checkpoints move bet
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ov2_megatron.variants import TransformerShape, decoder_shape, vit_shape
@@ -154,14 +153,21 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-FP8_TOKEN_ALIGNMENT = 16  # FP8 GEMMs need token counts that are multiples of 16
+# TE checks every FP8 GEMM input on each rank (assert_dim_for_fp8_exec, in
+# transformer_engine/pytorch/utils.py): the product of all dimensions but the last must be a
+# multiple of 8, the last a multiple of 16. A rank's column-parallel linears (linear_qkv,
+# linear_fc1) get its [s / tp, b, h] shard under sequence parallelism (TE all-gathers it
+# later), the row-parallel ones [s, b, h / tp]; so rows = (s / tp) * micro_batch, or s *
+# micro_batch without SP. Padding each rank's share of the sequence to 16 rows makes that a
+# multiple of 8 (and of 16, TE's own padding unit for FP8 GEMMs) for every micro-batch size.
+FP8_TOKEN_ALIGNMENT = 16
 
 
 def sequence_alignment(model: ModelConfig, parallel: ParallelConfig) -> int:
-    align = parallel.tensor if parallel.sequence_parallel else 1
-    if model.fp8:
-        align = math.lcm(align, FP8_TOKEN_ALIGNMENT)
-    return align
+    """Both sequences are padded to a multiple of this: SP splits them into `tensor` equal
+    shards, and under FP8 each shard holds a multiple of FP8_TOKEN_ALIGNMENT positions."""
+    shards = parallel.tensor if parallel.sequence_parallel else 1
+    return shards * (FP8_TOKEN_ALIGNMENT if model.fp8 else 1)
 
 
 def geometry(model: ModelConfig, parallel: ParallelConfig,
@@ -191,8 +197,12 @@ def geometry(model: ModelConfig, parallel: ParallelConfig,
 
 
 def validate_model(model: ModelConfig, parallel: ParallelConfig,
-                   device_capability: tuple[int, int] | None = None) -> SequenceGeometry:
-    """The one validation step; returns the resolved geometry. Raises ValueError on bad input."""
+                   device_capability: tuple[int, int] | None = None,
+                   cuda_version: tuple[int, int] | None = None) -> SequenceGeometry:
+    """The one validation step; returns the resolved geometry. Raises ValueError on bad input.
+
+    `device_capability` is the GPU's (None: no GPU); `cuda_version` the CUDA that PyTorch is
+    built with, read from torch when None (what TE compares against)."""
     vision, decoder = model.vision, model.decoder
     vit, patch = vision.shape()
     dec = decoder.shape()
@@ -237,30 +247,68 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
     _check(model.transformer_impl in ("auto", "local", "transformer_engine"),
            f"transformer_impl {model.transformer_impl!r}: use auto, local or transformer_engine")
     if model.fp8:
-        _validate_fp8(model, vit, dec, tp, device_capability)
+        _validate_fp8(model, vit, dec, tp, device_capability, cuda_version)
     return geometry(model, parallel)
 
 
-def _validate_fp8(model, vit, dec, tp, device_capability) -> None:
+def _validate_fp8(model, vit, dec, tp, device_capability, cuda_version) -> None:
     _check(model.fp8 in FP8_RECIPES, f"fp8 {model.fp8!r}: use one of {FP8_RECIPES} or None")
     _check(model.transformer_impl != "local",
            "fp8 needs transformer_impl 'transformer_engine' (or 'auto' on a GPU with TE)")
     _check(device_capability is not None,
            "fp8 needs a CUDA GPU with Transformer Engine; unset fp8 to run on CPU")
-    if model.fp8 in BLACKWELL_ONLY_FP8:
-        _check(device_capability >= (10, 0),
-               f"fp8 {model.fp8!r} uses block-scaled MX/NVFP4 formats that only Blackwell "
-               f"(sm100+) tensor cores execute; this GPU is sm{device_capability[0]}"
-               f"{device_capability[1]} (Hopper has none): use 'delayed', 'tensorwise' or "
-               "'blockwise'")
-    else:
-        _check(device_capability >= (8, 9),
-               f"fp8 needs Ada/Hopper or newer (sm89+); this GPU is sm{device_capability[0]}"
-               f"{device_capability[1]}")
+    problem = fp8_recipe_problem(model.fp8, tuple(device_capability),
+                                 cuda_version or torch_cuda_version())
+    if problem:
+        raise ValueError(problem)
     for name, shape in (("vision", vit), ("decoder", dec)):
         for what, size in (("width", shape.width), ("MLP width", shape.mlp_dim)):
             _check((size // tp) % 16 == 0,
                    f"fp8: {name} {what} {size} / TP {tp} must be a multiple of 16 for FP8 GEMMs")
+
+
+def fp8_recipe_problem(recipe: str, capability: tuple[int, int],
+                       cuda: tuple[int, int] | None) -> str | None:
+    """Why TE would refuse `recipe` on this GPU and CUDA, or None. The rules are TE's own
+    (transformer_engine/pytorch/quantization.py, fp8.py before it; TE 2.9+):
+    check_fp8_support (delayed, tensorwise), check_fp8_block_scaling_support (blockwise),
+    check_mxfp8_support (mxfp8), check_nvfp4_support (nvfp4). TE also needs cuBLASLt
+    12.1.3+ for FP8 on Ada, which only TE itself can see."""
+    gpu = f"this GPU is sm{capability[0]}{capability[1]}"
+    built = ("this PyTorch has no CUDA" if cuda is None
+             else f"this PyTorch has CUDA {cuda[0]}.{cuda[1]}")
+    field = f"model.fp8 {recipe!r}"
+    if recipe in BLACKWELL_ONLY_FP8 and capability < (10, 0):
+        return (f"{field} uses block-scaled MX/NVFP4 formats that only Blackwell (sm100+) "
+                f"tensor cores execute; {gpu} (Hopper has none): use 'delayed', 'tensorwise' "
+                "or 'blockwise'")
+    if recipe == "mxfp8" and capability >= (12, 0):
+        return (f"{field}: TE does not run MXFP8 on sm120+ (consumer Blackwell); {gpu}: use "
+                "'tensorwise' (TE's default there) or 'nvfp4'")
+    if recipe == "blockwise":
+        if capability < (9, 0):
+            return (f"{field} needs Hopper or newer (sm90+); {gpu}: use 'delayed' or "
+                    "'tensorwise'")
+        if cuda is None or cuda < (12, 9):
+            return (f"{field} needs CUDA >= 12.9 for block-scaled FP8 GEMMs; {built}: use a "
+                    "PyTorch/TE built with CUDA 12.9+, or 'tensorwise'")
+    if recipe in ("delayed", "tensorwise"):
+        if capability < (8, 9):
+            return f"{field} needs Ada/Hopper or newer (sm89+); {gpu}: unset model.fp8"
+        if capability < (9, 0) and (cuda is None or cuda < (12, 1)):
+            return (f"{field} on Ada (sm89) needs CUDA >= 12.1; {built}: use a PyTorch/TE "
+                    "built with CUDA 12.1+, or unset model.fp8")
+    return None
+
+
+def torch_cuda_version() -> tuple[int, int] | None:
+    """(major, minor) of the CUDA PyTorch was built with; None for a CPU build."""
+    import torch
+
+    if not torch.version.cuda:
+        return None
+    major, minor = torch.version.cuda.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _check(ok: bool, message: str) -> None:

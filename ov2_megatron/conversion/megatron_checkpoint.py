@@ -220,6 +220,8 @@ def _check_metadata(step_dir: str, expected: dict) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
+    from ov2_megatron.models.state_dict_adapter import is_extra_state
+
     try:
         saved = load_tensors_metadata(step_dir)
     except Exception as error:
@@ -233,7 +235,7 @@ def _check_metadata(step_dir: str, expected: dict) -> None:
                  f"{shape}" for key, shape in tensors.items()
                  if key in saved and tuple(saved[key].global_shape) != shape]
     problems += [f"unexpected tensor {key}" for key in saved
-                 if key not in tensors and not key.endswith("_extra_state")]
+                 if key not in tensors and not is_extra_state(key)]  # TE's FP8 metadata
     if problems:
         raise ConversionError(f"{step_dir} does not match the model of its config.json: "
                               + "; ".join(problems[:8]))

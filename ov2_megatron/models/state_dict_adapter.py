@@ -7,6 +7,11 @@ pooled feature (official `encoder_norm`), the vocabulary is unpadded.
 
 Megatron differences handled here: fused QKV rows interleaved per head ([heads, (q,k,v), d]),
 layer indices local to a pipeline chunk, and vocabulary rows padded for TP.
+
+Local vs TE spec: the same tensors, with two differences of name. The TE spec fuses each
+pre-norm into the linear after it (`other_spec_name` maps between the two), and TE modules
+keep FP8 metadata as `<module>._extra_state` entries (`is_extra_state`), which no local
+checkpoint has and which hold no weights.
 """
 
 from __future__ import annotations
@@ -50,6 +55,29 @@ _OTHER = {
     "head.head.weight": "decoder.head.weight",
 }
 VOCAB_ROWS = ("decoder.tok_embed.weight", "decoder.head.weight")
+
+# Layer parts that are one tensor under the local and the TE name (the fused pre-norms).
+_OTHER_SPEC_PART = {part: other for part in _LAYER_PARTS for other in _LAYER_PARTS
+                    if part != other and _LAYER_PARTS[part] == _LAYER_PARTS[other]}
+# torch's suffix for get_extra_state(): TE's TransformerEngineBaseModule (Linear,
+# LayerNormLinear, DotProductAttention) and its LayerNorm op serialise FP8 scales and amax
+# history there; megatron's local linears write None under the same names.
+EXTRA_STATE = "_extra_state"
+
+
+def is_extra_state(name: str) -> bool:
+    """A module's extra-state entry (state dict or dist_checkpointing key), not a weight."""
+    return name.rsplit(".", 1)[-1] == EXTRA_STATE
+
+
+def other_spec_name(chunk_name: str) -> str | None:
+    """The name the other spec gives the same tensor (`...input_layernorm.weight` <->
+    `...self_attention.linear_qkv.layer_norm_weight`), or None where both specs agree."""
+    match = _LAYER.match(chunk_name)
+    if not match or match.group(3) not in _OTHER_SPEC_PART:
+        return None
+    stack, local, part = match.groups()
+    return f"{stack}.layers.{local}.{_OTHER_SPEC_PART[part]}"
 
 
 def standard_name(chunk_name: str, plan: StagePlan) -> str:

@@ -10,6 +10,10 @@ and `latest` moves only after that rename, so a kill during a save leaves `lates
 previous complete checkpoint (the partial directory is removed at the next start).
 The per-rank files assume the same layout: on another layout the weights are loaded and
 the optimizer restarts from them, and the resume says so.
+
+Weights also move between the local and the Transformer Engine spec, both ways: their keys
+are the same (the local spec saves its norms under TE's fused names) except for TE's FP8
+`_extra_state` objects, which the load tolerates absent or left over, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 
+from ov2_megatron.models.state_dict_adapter import is_extra_state, other_spec_name
 from ov2_megatron.training.optimizer import inner_optimizers
 
 LATEST = "latest"
@@ -147,10 +153,63 @@ def read_meta(step_dir: str) -> dict:
 
 
 def load_weights(step_dir: str, chunks: list) -> None:
-    """Load model weights into this rank's chunks, whatever layout wrote them."""
-    state = dist_checkpointing.load(model_sharded_state(chunks), step_dir)
+    """Load model weights into this rank's chunks, whatever layout and spec wrote them."""
+    state = load_sharded(model_sharded_state(chunks), step_dir)
     for i, chunk in enumerate(chunks):
-        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        load_state(unwrap_model(chunk), state[f"model{i}"], step_dir)
+
+
+def load_sharded(sharded: dict, step_dir: str) -> dict:
+    """dist_checkpointing.load of `sharded` (as model_sharded_state builds it).
+
+    A local-spec checkpoint lacks `_extra_state` objects a TE model asks for (TE's final
+    LayerNorm has one, torch's none) and a TE checkpoint holds some a local model does not ask
+    for: those are skipped, and the modules keep their fresh FP8 metadata. Any other key the
+    model needs and the checkpoint lacks, or the checkpoint holds and the model lacks, raises
+    naming it, on every rank alike."""
+    # megatron's names, from the request's side: "unexpected" = asked for but not saved,
+    # "missing" = saved but asked for by no rank. RETURN_ALL drops the unexpected ones.
+    state, not_asked, not_saved = dist_checkpointing.load(sharded, step_dir,
+                                                          strict=StrictHandling.RETURN_ALL)
+    not_saved = _on_any_rank({key for key in not_saved if not is_extra_state(key)})
+    not_asked = {key for key in not_asked if not is_extra_state(key)}
+    _refuse(step_dir, [f"the model needs {key}, which the checkpoint lacks"
+                       for key in sorted(not_saved)] +
+            [f"the checkpoint holds {key}, which the model lacks" for key in sorted(not_asked)])
+    return state
+
+
+def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
+    """`module.load_state_dict(state)` for a state dict written by either spec: the fused
+    pre-norm names are mapped onto the module's own, and only `_extra_state` entries may be
+    missing or left over. Checked before anything is copied; `source` names it in errors."""
+    own = module.state_dict(keep_vars=True).keys()
+    renamed = {}
+    for name, value in state.items():
+        other = other_spec_name(name)
+        renamed[other if name not in own and other in own else name] = value
+    _refuse(source, [f"the model needs {name}, which the state dict lacks" for name in own
+                     if name not in renamed and not is_extra_state(name)] +
+            [f"the state dict holds {name}, which the model lacks" for name in renamed
+             if name not in own and not is_extra_state(name)])
+    result = module.load_state_dict({k: v for k, v in renamed.items() if k in own}, strict=False)
+    assert all(map(is_extra_state, result.missing_keys + result.unexpected_keys)), result
+
+
+def _on_any_rank(keys: set) -> set:
+    """The union over ranks (what one rank lacks, every rank reports, so none hangs)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return keys
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return set().union(*gathered)
+
+
+def _refuse(source: str, problems: list[str]) -> None:
+    if problems:
+        more = f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(f"{source} does not match this model: " + "; ".join(problems[:8])
+                         + more)
 
 
 def load_rank_state(step_dir: str, optimizer) -> object:

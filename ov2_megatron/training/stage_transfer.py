@@ -8,7 +8,6 @@ stage 1, and the load fails naming the tensor. The optimizer and LR schedule sta
 
 from __future__ import annotations
 
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 from megatron.core.utils import unwrap_model
@@ -42,8 +41,8 @@ def load_stage_weights(path: str, model: list, run) -> None:
             chunk_state[name] = ShardedTensor.from_rank_offsets(
                 tensor.key, tensor.data.new_empty(old_shape), replica_id=tensor.replica_id)
             resized.append((chunk_key, name, tensor.data.shape[0]))
-    state = dist_checkpointing.load(sharded, step_dir)
+    state = checkpoint.load_sharded(sharded, step_dir)  # either spec wrote it (local <-> TE)
     for chunk_key, name, rows in resized:
         state[chunk_key][name] = interpolate_pos_embed(state[chunk_key][name], int(rows ** 0.5))
     for i, chunk in enumerate(model):
-        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        checkpoint.load_state(unwrap_model(chunk), state[f"model{i}"], step_dir)

@@ -45,6 +45,14 @@ def test_te_fused_norm_names_map_to_the_local_norms():
         # the checkpoint key map of the local spec names the same TE tensor
         prefix = next(k for k in specs._LOCAL_TO_TE_NORM_KEYS if local.startswith(k))
         assert local.replace(prefix, specs._LOCAL_TO_TE_NORM_KEYS[prefix]) == te
+        # and a plain state dict's names are mapped both ways by the load path
+        for stack in ("vision_layers", "decoder_layers"):
+            te_name, local_name = f"{stack}.layers.3.{te}", f"{stack}.layers.3.{local}"
+            assert state_dict_adapter.other_spec_name(te_name) == local_name
+            assert state_dict_adapter.other_spec_name(local_name) == te_name
+    for same in ("vision_layers.layers.0.self_attention.linear_qkv.weight",
+                 "decoder_layers.final_layernorm.weight", "embedding.cls_token"):
+        assert state_dict_adapter.other_spec_name(same) is None
 
 
 def test_fused_softmax_only_where_its_extension_exists(monkeypatch):
