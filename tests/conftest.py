@@ -1,9 +1,12 @@
-"""Shared pytest set-up: GPU tests are skipped without CUDA, with the reason shown; the
-second megatron-core line (`pytest --megatron-line`) leaves out the tests proven not to
-touch megatron-core."""
+"""Shared pytest set-up: GPU tests are skipped without CUDA, with the reason shown, and the
+suite splits into the tests that touch megatron-core and the few proven not to.
+
+`make test` runs `pytest --megatron-free` (only the MEGATRON_FREE paths, with megatron-core
+unimportable in pytest and in every Python process the tests start: a megatron import fails
+the test, so the list cannot go stale silently), then `pytest --megatron-line` (everything
+else) on each megatron-core line. A plain `pytest` runs everything, unblocked."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,7 @@ import torch
 
 from tests.megatron_blocker import sitecustomize as megatron_blocker
 
-# Test paths that never import megatron-core, in the pytest process or in any Python process
-# they start. The main line runs them first with megatron made unimportable (a megatron
-# import fails the test), so this list cannot go stale silently.
+ROOT = Path(__file__).resolve().parent.parent
 MEGATRON_FREE = (
     "tests/data/",
     "tests/kernels/",
@@ -24,58 +25,53 @@ BLOCKER_DIR = str(Path(__file__).parent / "megatron_blocker")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--megatron-line", action="store_true",
-                     help="run only the tests that touch megatron-core (make test's second line)")
+    group = parser.getgroup("megatron-core lines")
+    group.addoption("--megatron-free", action="store_true",
+                    help="run only the MEGATRON_FREE tests, with megatron-core unimportable")
+    group.addoption("--megatron-line", action="store_true",
+                    help="run only the tests that touch megatron-core")
 
 
-def is_megatron_free(item) -> bool:
-    return item.nodeid.startswith(MEGATRON_FREE)
+def pytest_configure(config):
+    if config.getoption("--megatron-free") and config.getoption("--megatron-line"):
+        raise pytest.UsageError("--megatron-free and --megatron-line select disjoint tests")
+    if config.getoption("--megatron-free"):
+        os.environ["OV2_BLOCK_MEGATRON"] = "1"  # read by sitecustomize in subprocesses
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [BLOCKER_DIR, os.environ.get("PYTHONPATH")]))
+        megatron_blocker.install()
+
+
+def relative(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(ROOT).as_posix() + ("/" if path.is_dir() else "")
+    except ValueError:
+        return ""
+
+
+def is_free(rel: str) -> bool:
+    return rel.startswith(MEGATRON_FREE)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under --megatron-free, never import a module outside the list (it may import megatron)."""
+    if not config.getoption("--megatron-free"):
+        return None
+    rel = relative(collection_path)
+    if not rel.startswith("tests/"):
+        return None
+    if collection_path.is_dir():
+        return not (is_free(rel) or any(free.startswith(rel) for free in MEGATRON_FREE))
+    return not is_free(rel)
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--megatron-line"):
-        free = [item for item in items if is_megatron_free(item)]
-        items[:] = [item for item in items if not is_megatron_free(item)]
+        free = [item for item in items if is_free(item.nodeid)]
+        items[:] = [item for item in items if not is_free(item.nodeid)]
         config.hook.pytest_deselected(items=free)
-    else:
-        items.sort(key=lambda item: not is_megatron_free(item))  # stable: free ones first
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs CUDA (run tools/gpu_check.sh on a GPU machine)")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
-
-
-class _Blocking:
-    blocker = None
-    saved_env: dict = {}
-
-
-def _block():
-    if any(name == "megatron" or name.startswith("megatron.") for name in sys.modules):
-        pytest.fail("megatron was imported before a megatron-free test ran; "
-                    "MEGATRON_FREE tests must run first (tests/conftest.py)")
-    _Blocking.saved_env = {k: os.environ.get(k) for k in ("OV2_BLOCK_MEGATRON", "PYTHONPATH")}
-    os.environ["OV2_BLOCK_MEGATRON"] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [BLOCKER_DIR, os.environ.get("PYTHONPATH")]))
-    _Blocking.blocker = megatron_blocker.install()
-
-
-def _unblock():
-    sys.meta_path.remove(_Blocking.blocker)
-    _Blocking.blocker = None
-    for key, value in _Blocking.saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def pytest_runtest_setup(item):
-    if item.config.getoption("--megatron-line"):
-        return
-    if is_megatron_free(item) and _Blocking.blocker is None:
-        _block()
-    elif not is_megatron_free(item) and _Blocking.blocker is not None:
-        _unblock()

@@ -30,10 +30,10 @@ DEFAULT_TIMEOUT_S = 150.0
 _PRELOADED_MODULES = ["torch", "torch.distributed", "megatron.core", "ov2_megatron.training.loop"]
 
 
-def _rank_context():
-    if os.environ.get("OV2_BLOCK_MEGATRON") == "1":
-        # A megatron-free test (tests/conftest.py): no preload, and no forkserver that would
-        # outlive the blocked phase with megatron unimportable.
+def _rank_context(fresh_interpreter: bool):
+    if fresh_interpreter or os.environ.get("OV2_BLOCK_MEGATRON") == "1":
+        # Spawned ranks read the environment at interpreter start (glibc, MKL), and a
+        # megatron-free test (tests/conftest.py) must not preload megatron.
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOADED_MODULES)
@@ -75,11 +75,15 @@ def run_distributed(
     args: tuple = (),
     kwargs: dict | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    fresh_interpreter: bool = False,
 ) -> list[Any]:
-    """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in order."""
+    """Run `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results in order.
+
+    `fresh_interpreter=True` starts each rank as a new interpreter (spawn) instead of forking
+    it from the preloaded server: for tests whose environment must act at process start."""
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size {world_size} outside 1..8")
-    ctx = _rank_context()
+    ctx = _rank_context(fresh_interpreter)
     results = ctx.Queue()
     port = free_port()
     procs = [

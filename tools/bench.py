@@ -10,19 +10,25 @@
     python tools/bench.py --ov1-vs-ov2                                          # OV1 / OV2 cost
 
 Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchmark.py says
-what is measured and how). On CPU the tool restarts itself once with the environment that
-makes its peak-memory reading sound (ov2_megatron/perf/peak_memory.py).
+what is measured and how), plus its time to first step (`time_to_first_step_s`: from this
+tool's start to the end of the run's first training step, so imports, process groups, the
+model build and the first step's compilation and autotuning, which step times leave out).
+On CPU the tool restarts itself once with the environment that makes its peak-memory reading
+sound (ov2_megatron/perf/peak_memory.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
+STARTED = time.perf_counter()  # before torch and megatron are imported: they count too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -80,6 +86,47 @@ def _run_config(args, default_recipe: str):
     return apply_overrides(get_recipe(args.recipe or default_recipe, args.stage), args.overrides)
 
 
+@contextlib.contextmanager
+def first_step_clock():
+    """Yields a dict that gets `time_to_first_step_s` when the run's first train_step ends.
+
+    run_benchmark looks `train_step` up in ov2_megatron.training.loop when it is called, so
+    wrapping that attribute for the call's duration times the run's own first step. The CPU
+    warm-up twin (benchmark.warm_libraries, a one-layer copy) is not the run: its step is
+    not counted. The moment is also printed at once, so a run killed by a time limit
+    (tools/gpu_check.sh) still leaves it in the log."""
+    import torch
+
+    from ov2_megatron.perf import benchmark
+    from ov2_megatron.training import loop
+
+    clock, twin = {}, {"running": False}
+    original_step, original_warm = loop.train_step, benchmark.warm_libraries
+
+    def timed_step(*args, **kwargs):
+        out = original_step(*args, **kwargs)
+        if not clock and not twin["running"]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            clock["time_to_first_step_s"] = time.perf_counter() - STARTED
+            print(f"bench.py: first step done {clock['time_to_first_step_s']:.1f} s after "
+                  "start", file=sys.stderr, flush=True)
+        return out
+
+    def untimed_twin(*args, **kwargs):
+        twin["running"] = True
+        try:
+            return original_warm(*args, **kwargs)
+        finally:
+            twin["running"] = False
+
+    loop.train_step, benchmark.warm_libraries = timed_step, untimed_twin
+    try:
+        yield clock
+    finally:
+        loop.train_step, benchmark.warm_libraries = original_step, original_warm
+
+
 def bench(args) -> int:
     import torch.distributed as dist
 
@@ -87,12 +134,17 @@ def bench(args) -> int:
     from ov2_megatron.perf.benchmark import run_benchmark
 
     run = _run_config(args, "tiny_cpu")
-    result = run_benchmark(run, steps=args.steps, warmup=args.warmup, data=args.data)
+    with first_step_clock() as clock:
+        result = run_benchmark(run, steps=args.steps, warmup=args.warmup, data=args.data)
+    result["time_to_first_step_s"] = clock.get("time_to_first_step_s")
     if dist.get_rank() == 0:
         _write(args.json, result)
         print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}))
         print(report.markdown_header())
         print(report.markdown_row(result))
+        first = result["time_to_first_step_s"]
+        print(f"time to first step: {'n/a' if first is None else f'{first:.1f} s'} (tool start "
+              "to the end of the first training step: imports, build, compilation)")
     return 0
 
 

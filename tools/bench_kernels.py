@@ -59,7 +59,7 @@ def probe_peak(impl: str, tokens: int, dim: int, vocab: int, chunk_size: int | N
     fn(*small)[0].sum().backward()  # warm-up: thread pools, BLAS workspaces
     hidden, weight, labels = _inputs(tokens, dim, vocab)
     del small
-    memory = PeakMemory()
+    memory = PeakMemory("cpu")  # _inputs makes CPU tensors, also on a GPU machine
     memory.baseline()
     memory.reset()  # VmHWM := VmRSS
     start = time.perf_counter()

@@ -1,5 +1,9 @@
 """Peak memory of a phase of this process, above a baseline taken before it.
 
+The method follows the device the measured tensors live on (`PeakMemory(device)`; by default
+CUDA where it is available): the CUDA counters see nothing of CPU tensors, so a CPU phase
+measured on a GPU machine with them would read 0.
+
 CUDA: the caching allocator's own counters (`max_memory_allocated`), exact for tensors.
 
 CPU: the resident-set high-water mark of the process (`VmHWM` in /proc/self/status), reset
@@ -46,10 +50,21 @@ def cpu_method_available() -> bool:
 
 class PeakMemory:
     """`baseline()` before the phase's allocations, `reset()` where the peak window opens,
-    `peak_bytes()` at its end: the highest memory in the window above the baseline."""
+    `peak_bytes()` at its end: the highest memory in the window above the baseline.
 
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
+    `device`: where the phase's tensors live ("cpu", "cuda", "cuda:N", a torch.device);
+    None means CUDA where it is available, else the CPU."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise ValueError(f"PeakMemory({str(self.device)!r}): CUDA is not available; "
+                             "measure with device='cpu'")
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.base = 0
         if self.cuda:
             self.method = "torch.cuda.max_memory_allocated"
@@ -62,23 +77,27 @@ class PeakMemory:
 
     def baseline(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
         elif cpu_method_available():
             self.base = _status_kib("VmRSS") * 1024
 
     def reset(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         elif cpu_method_available():
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # VmHWM := VmRSS
 
     def peak_bytes(self) -> int | None:
+        """None where nothing can be measured, including a CUDA window in which this device
+        held no tensor at all: the phase ran elsewhere (CPU tensors), and its 0 bytes would
+        be no measurement, only a divisor of zero for whoever compares two phases."""
         if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            return peak - self.base if peak else None
         if cpu_method_available():
             return _status_kib("VmHWM") * 1024 - self.base
         return None
@@ -86,7 +105,7 @@ class PeakMemory:
     def process_peak_bytes(self) -> int | None:
         """Everything: allocator total on CUDA (reserved), whole-process RSS peak on CPU."""
         if self.cuda:
-            return torch.cuda.max_memory_reserved()
+            return torch.cuda.max_memory_reserved(self.device)
         if cpu_method_available():
             return _status_kib("VmHWM") * 1024
         return None

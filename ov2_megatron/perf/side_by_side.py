@@ -252,7 +252,7 @@ def probe_memory(kind: str, model: ModelConfig, batch: int, seed: int = 0) -> di
     warm.step(*_batch(model, warm.geom, batch, seed))
     del warm
     gc.collect()
-    memory = PeakMemory()
+    memory = PeakMemory(local_device())
     memory.baseline()
     trainer = _Trainer(kind, model, seed)
     data = _batch(model, trainer.geom, batch, seed)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (absent on the GPU box)")
 
 from ov2_megatron.data import color_jitter
 from ov2_megatron.data.color_jitter import JitterStrengths

@@ -104,20 +104,27 @@ def test_default_chunk_targets_64_mib():
 
 
 def _tp_rank(dtype_name: str):
-    """On each of two ranks: the loss and grads from this rank's vocab shard of the head."""
+    """On each of two ranks: the loss and grads from this rank's vocab shard of the head.
+
+    Where CUDA is, the harness's process group is NCCL, which reduces only tensors on the
+    rank's own GPU: the problem is computed there, and comes back on the CPU."""
     import torch.distributed as dist
 
     dtype = getattr(torch, dtype_name)
-    hidden, weight, labels, grad = _problem(t=21, v=90, dtype=dtype, seed=3)  # same on every rank
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    hidden, weight, labels, grad = _problem(t=21, v=90, dtype=dtype, seed=3, device=device)  # same on every rank
     shard = weight.chunk(dist.get_world_size())[dist.get_rank()]
     group = dist.group.WORLD
     fn = lambda h, w, y: vocab_parallel_linear_cross_entropy(h, w, y, group, PAD, chunk_size=8, backend="torch")  # noqa: E731
-    return _loss_and_grads(fn, hidden, shard, labels, grad)
+    return tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in _loss_and_grads(fn, hidden, shard, labels, grad))
 
 
 def test_vocab_parallel_two_ranks_match_full_vocab():
     # Labels fall in both shards; the combined loss and grad_hidden must be the full-vocab ones
     # on every rank, and each rank's grad_weight the matching rows of the full gradient.
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("two NCCL ranks need two GPUs (NCCL refuses two ranks on one device); "
+                    "the CPU run of this test covers it on gloo")
     results = run_distributed(_tp_rank, world_size=2, args=("float32",), timeout=120)
     hidden, weight, labels, grad = _problem(t=21, v=90, seed=3)
     loss, num_valid, grad_h, grad_w = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad)
@@ -128,19 +135,43 @@ def test_vocab_parallel_two_ranks_match_full_vocab():
         torch.testing.assert_close(r_grad_w, grad_w.chunk(2)[rank], **TOL[torch.float32])
 
 
+def _cuda_peak(impl: str, tokens: int, dim: int, vocab: int) -> dict:
+    """One forward + backward of `impl` on CUDA tensors, measured by the allocator's counters
+    (exact, so no fresh process is needed), as tools/bench_kernels.py measures it on CPU."""
+    from ov2_megatron.perf.peak_memory import PeakMemory
+
+    hidden, weight, labels, _ = _problem(t=tokens, d=dim, v=vocab, device="cuda")
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    fn = (linear_cross_entropy_reference if impl == "plain" else
+          lambda h, w, y: linear_cross_entropy(h, w, y, backend="torch"))
+    memory = PeakMemory("cuda")
+    memory.baseline()
+    memory.reset()
+    loss, num_valid = fn(hidden, weight, labels)
+    (loss.sum() / num_valid).backward()
+    return {"impl": impl, "peak_bytes": memory.peak_bytes(), "method": memory.method,
+            "loss": float(loss.sum() / num_valid)}
+
+
 def test_peak_memory_at_vocab_32k_is_4x_lower():
-    """Fresh-process RSS high-water marks (method: tools/bench_kernels.py) of forward+backward.
+    """Peak memory of forward+backward above the inputs: on CUDA the allocator's counters on
+    CUDA tensors; on CPU fresh-process RSS high-water marks (method: tools/bench_kernels.py).
 
     d = 256 rather than 768 keeps the test at ~10 s on two cores; the ratio is set by the
     [t, v] logits, which do not depend on d (d = 768 measures 7.6x: see the tool)."""
     import os
 
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
-    from tools.bench_kernels import measure_peak
+    shape = dict(tokens=4096, dim=256, vocab=32000)
+    if torch.cuda.is_available():
+        plain, chunked = _cuda_peak("plain", **shape), _cuda_peak("chunked", **shape)
+    else:
+        if not os.access("/proc/self/clear_refs", os.W_OK):
+            pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
+        from tools.bench_kernels import measure_peak
 
-    plain = measure_peak("plain", tokens=4096, dim=256, vocab=32000)
-    chunked = measure_peak("chunked", tokens=4096, dim=256, vocab=32000)
+        plain, chunked = measure_peak("plain", **shape), measure_peak("chunked", **shape)
+    for row in (plain, chunked):  # no reading (None) or 0 bytes: nothing was measured
+        assert row["peak_bytes"], f"{row['impl']}: no peak memory measured ({row.get('method', 'RSS')})"
     ratio = plain["peak_bytes"] / chunked["peak_bytes"]
     print(f"peak plain {plain['peak_bytes'] / 2**20:.0f} MiB, chunked {chunked['peak_bytes'] / 2**20:.0f} MiB: {ratio:.1f}x")
     assert plain["peak_bytes"] > 2 * 4096 * 32000 * 4  # sanity: plain holds >= two fp32 [t, v]
@@ -153,15 +184,18 @@ def test_gpu_caption_head_bf16_and_memory():
     # A realistic caption head on the compiled kernels: bf16 accuracy and the CUDA peak memory.
     problem = _problem(t=8192, d=768, v=32000, dtype=torch.bfloat16, device="cuda")
 
+    from ov2_megatron.perf.peak_memory import PeakMemory
+
     def run(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        memory = PeakMemory("cuda")
+        memory.baseline()
+        memory.reset()
         loss, _, grad_h, grad_w = _loss_and_grads(fn, *problem)
-        return (loss, grad_h, grad_w), torch.cuda.max_memory_allocated() - base
+        return (loss, grad_h, grad_w), memory.peak_bytes()
 
     ref, plain_peak = run(linear_cross_entropy_reference)
     got, triton_peak = run(lambda h, w, y: linear_cross_entropy(h, w, y, backend="triton"))
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+    assert plain_peak and triton_peak, (plain_peak, triton_peak)  # a reading, not 0 / None
     assert plain_peak >= 4 * triton_peak

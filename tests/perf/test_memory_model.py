@@ -59,7 +59,8 @@ def measured(request):
     for key, value in PINNED.items():  # read by glibc / MKL at process start
         mp.setenv(key, value)
     try:
-        return {world: run_distributed(measure_layouts, world, args=(items,), timeout=240)
+        return {world: run_distributed(measure_layouts, world, args=(items,), timeout=240,
+                                       fresh_interpreter=True)
                 for world, items in LAYOUTS.items()}
     finally:
         mp.undo()

@@ -83,7 +83,7 @@ def compared():
     for key, value in PINNED.items():
         mp.setenv(key, value)
     try:
-        return run_distributed(compare_all, 1, timeout=240)[0]
+        return run_distributed(compare_all, 1, timeout=240, fresh_interpreter=True)[0]
     finally:
         mp.undo()
 
