@@ -23,6 +23,14 @@ is penalised by a noisy neighbour. Images per CPU-second (this process's threads
 processes) are printed too: unlike images/s they hold on a shared, loaded machine. The last two
 lines are `colour augmentation cost: X.XXx images/s (with / without)` and
 `speedup vs torch DataLoader: X.XXx` (wall-clock images/s, no colour ops in either).
+
+    python tools/bench_data.py --startup 2000,20000 [--startup-dir DIR]
+
+measures instead what one rank's loader start-up costs for N shard paths (tiny one-sample
+img2dataset-style shards without index files, made once under DIR): listing and checking the
+shards, making the missing DALI index files (first run) or finding them (later runs), and
+building the DALI pipeline up to its first batch, each with wall time and resident-memory
+growth. One line per N and phase (docs/benchmarks/2026-12-02-shard-startup.md).
 """
 
 from __future__ import annotations
@@ -150,9 +158,68 @@ def find_tokenizer(shards_dir: str, shards: list[str], tmp: str) -> str:
     return train_tokenizer(captions, os.path.join(tmp, "bench_tok"), 1000, max_sentences=20000)
 
 
+def make_tiny_shards(root: str, count: int) -> None:
+    """`count` one-sample shards (a 16 x 16 JPEG and a caption), no index files."""
+    import tarfile
+
+    from PIL import Image
+
+    os.makedirs(root, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    for i in range(count):
+        path = os.path.join(root, f"{i:06d}.tar")
+        if os.path.exists(path):
+            continue
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for ext, payload in (("jpg", jpeg), ("txt", f"sample {i} tiny".encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def startup_benchmark(counts: list[int], root: str) -> None:
+    """Per N: wall seconds and RSS growth of listing, indexing (cold, warm) and first batch."""
+    import psutil
+
+    from ov2_megatron.data.shard_index import ensure_indexes
+
+    process = psutil.Process()
+    tokenizer = train_tokenizer([f"sample {i} tiny" for i in range(100)],
+                                os.path.join(root, "tok"), 64)
+
+    def phase(n: int, name: str, fn):
+        rss, start = process.memory_info().rss, time.perf_counter()
+        result = fn()
+        print(f"shards {n}: {name}: {time.perf_counter() - start:.2f} s, "
+              f"RSS +{(process.memory_info().rss - rss) / 2**20:.0f} MiB", flush=True)
+        return result
+
+    for n in counts:
+        folder = os.path.join(root, f"n{n}")
+        make_tiny_shards(folder, n)
+        for stale in glob.glob(os.path.join(folder, "*.idx")):
+            os.remove(stale)  # cold start: as img2dataset leaves them
+        shards = phase(n, "list + check", lambda: resolve_shard_spec(folder))
+        phase(n, "index (make)", lambda: ensure_indexes(shards))
+        phase(n, "index (found)", lambda: ensure_indexes(shards))
+        config = DataConfig(train_shards=folder, tokenizer_model=tokenizer, resolution=16,
+                            num_threads=1, shuffle_buffer=64, color_jitter=0.0,
+                            grayscale_probability=0.0)
+        loader = phase(n, "loader + first batch", lambda: next(ImageCaptionLoader(
+            config, dp_rank=0, dp_size=1, batch_size=32, device="cpu")) and None)
+        del loader
+        print(f"shards {n}: process RSS {process.memory_info().rss / 2**20:.0f} MiB", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", required=True, help="shard directory (or glob/comma list)")
+    parser.add_argument("--shards", help="shard directory (or glob/comma list)")
+    parser.add_argument("--startup", default="",
+                        help="comma list of shard counts: measure loader start-up instead")
+    parser.add_argument("--startup-dir", default=os.path.join(tempfile.gettempdir(),
+                                                               "ov2-startup-bench"))
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="DALI threads = DataLoader worker processes")
@@ -163,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: a "
                         "*.model next to the shards, else one trained on their captions)")
     args = parser.parse_args(argv)
+    if args.startup:
+        startup_benchmark([int(n) for n in args.startup.split(",")], args.startup_dir)
+        return 0
+    if not args.shards:
+        parser.error("--shards is required (or --startup N)")
     if args.threads < 1 or args.batches < 1 or args.rounds < 1:
         parser.error("--threads, --batches and --rounds must be >= 1")
     shards = resolve_shard_spec(args.shards)

@@ -1,6 +1,11 @@
 """Train the caption SentencePiece model from shard captions.
 
     python tools/train_tokenizer.py --shards DIR_OR_GLOB --output PREFIX [--vocab-size N]
+                                    [--caption-key FIELD]
+
+Shards are any webdataset tars (these tools' or img2dataset's); --caption-key reads captions
+from that .json field instead of .txt, as data.caption_key does (every candidate of a list is
+a training sentence).
 
 Writes PREFIX.model and PREFIX.vocab (ids PAD=0 UNK=1 BOS=2 EOS=3) and prints the vocabulary
 size and the padded size the model will allocate (a fixed multiple, the same at any TP).
@@ -11,19 +16,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ov2_megatron.data.captions import candidates_in, missing_caption_hint  # noqa: E402
 from ov2_megatron.data.config import resolve_shard_spec  # noqa: E402
+from ov2_megatron.data.sample_checks import Issue  # noqa: E402
 from ov2_megatron.data.shards import iter_shard  # noqa: E402
-from ov2_megatron.config import DecoderConfig, padded_vocab_size  # noqa: E402
+from ov2_megatron.recipes import vocab_rule  # noqa: E402
 from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 
 
-def shard_captions(shards: list[str]):
+def shard_captions(shards: list[str], caption_key: str = ""):
+    """Captions of `shards`; raises ValueError (one line, naming the shard and the fix) when
+    the first sample shows the caption option does not fit the shards."""
+    checked = False
     for shard in shards:
         for sample in iter_shard(shard, with_images=False):
-            yield sample.caption
+            if not checked:
+                hint = missing_caption_hint(f"shard {shard} sample {sample.key}",
+                                            sample.has_txt, sample.meta, caption_key)
+                if hint:
+                    raise ValueError(hint)
+                checked = True
+            if not caption_key:
+                yield sample.caption
+                continue
+            issue, found = candidates_in(sample.meta, caption_key)
+            if issue == Issue.OK:
+                yield from found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,22 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-captions", type=int, default=2_000_000,
                         help="train on at most this many captions (SentencePiece keeps "
                         "them in memory)")
+    parser.add_argument("--caption-key", default="",
+                        help="read captions from this .json field (e.g. re_caption, "
+                        "meta.caption) instead of .txt")
     args = parser.parse_args(argv)
     try:
         shards = resolve_shard_spec(args.shards)
-    except (FileNotFoundError, ValueError, PermissionError) as err:
+        path = train_tokenizer(shard_captions(shards, args.caption_key), args.output,
+                               args.vocab_size, model_type=args.model_type,
+                               max_sentences=args.max_captions)
+    except (OSError, ValueError, tarfile.TarError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = train_tokenizer(shard_captions(shards), args.output, args.vocab_size,
-                           model_type=args.model_type, max_sentences=args.max_captions)
     tokenizer = CaptionTokenizer.from_file(path)
-    # The model pads to a fixed multiple (decoder.vocab_pad_multiple), whatever the TP size,
-    # so checkpoints move between layouts; set decoder.vocab_size to the size printed here.
-    multiple = DecoderConfig.vocab_pad_multiple
-    padded = padded_vocab_size(tokenizer.vocab_size, multiple)
     print(f"model: {path}")
-    print(f"vocab size: {tokenizer.vocab_size} (the model pads it to {padded}: "
-          f"decoder.vocab_pad_multiple={multiple})")
+    print(vocab_rule(tokenizer.vocab_size))  # the recipes' own rule (recipes.vocab_rule)
     return 0
 
 

@@ -1,8 +1,9 @@
 """DataConfig: everything the image-caption data path needs, checked once before any compute.
 
-`validate()` checks the numbers; `resolve_shards()` turns the shard spec (glob, directory or
-comma list) into concrete tar paths and opens each one, so a missing, unreadable or non-tar
-shard is a clear start-up error instead of a crash inside a DALI worker thread hours later.
+`validate()` checks the numbers; `resolve_shards()` turns the shard spec (glob, directory,
+comma list, or a weighted mixture of those: mixing.py) into concrete tar paths and opens each
+one, so a missing, unreadable or non-tar shard is a clear start-up error instead of a crash
+inside a DALI worker thread hours later.
 """
 
 from __future__ import annotations
@@ -31,12 +32,40 @@ _TAR_BLOCK = 512
 class DataConfig:
     """Image-caption data: shards, tokenizer, augmentation and loader settings."""
 
-    train_shards: str = ""
-    """Training shards: a glob (`data/shard-*.tar`), a directory (all `*.tar` in it) or a
-    comma-separated list of tar paths. Each shard is a webdataset tar of `KEY.jpg` + `KEY.txt`."""
+    train_shards: str | list = ""
+    """Training shards: a glob (`data/shard-*.tar`), a directory (all `*.tar` in it), a
+    comma-separated list of tar paths, a list of those, or a weighted mixture
+    `[{"path": SPEC, "weight": W}, ...]` (or its JSON text; see mixing.py). Each shard is a
+    webdataset tar of `KEY.<image>` (image_extensions) with `KEY.txt` and/or `KEY.json`, as
+    tools/prepare_shards.py, img2dataset and similar tools write."""
 
-    val_shards: str = ""
-    """Validation shards, same syntax as `train_shards`; empty means no validation set."""
+    val_shards: str | list = ""
+    """Validation shards, same syntax as `train_shards` (weights are ignored: every validation
+    sample is read once); empty means no validation set."""
+
+    caption_key: str = ""
+    """Where the caption is: empty reads `KEY.txt`; a field name reads that field of
+    `KEY.json` (`re_caption` for Recap-DataComp), dots walk into nested objects
+    (`meta.caption`). A list in the field is a list of candidates: one is drawn per sample
+    per epoch from the seed (resumes exactly); evaluation takes the first."""
+
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    """Entry extensions read as the image, first match wins: what img2dataset writes
+    (`--output_format webdataset` with jpg, png or webp encoding). The header check reads the
+    real format from the bytes, so a PNG named .jpg is still fine."""
+
+    index_cache_dir: str = ""
+    """Where DALI index files of shards that have none are made when the shard directory is
+    read-only (otherwise they go beside the shard, `X.tar` -> `X.idx`). Empty:
+    ~/.cache/ov2_megatron/wds-index."""
+
+    bad_sample_warn_fraction: float = 0.05
+    """Warn (naming the reasons and shards) when more than this fraction of the samples of a
+    window of `bad_sample_window` samples had to be replaced."""
+
+    bad_sample_window: int = 1024
+    """Samples per bad-data window. When every sample of one window is bad the loader raises,
+    naming the shards and reasons, instead of skipping batches forever."""
 
     tokenizer_model: str = ""
     """Path of the SentencePiece `.model` (see tools/train_tokenizer.py)."""
@@ -97,9 +126,26 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""
-        if not self.train_shards.strip():
+        from ov2_megatron.data.mixing import parse_sources
+
+        try:
+            sources = parse_sources(self.train_shards)
+        except ValueError as err:
+            raise ValueError(f"DataConfig.train_shards: {err}") from None
+        if not sources:
             raise ValueError("DataConfig.train_shards is empty: set it to a glob, directory or "
                              "comma list of webdataset .tar shards (tools/prepare_shards.py)")
+        if any(not ext or "." in ext or ";" in ext for ext in self.image_extensions) or \
+                not self.image_extensions:
+            raise ValueError(f"DataConfig.image_extensions {self.image_extensions} must be "
+                             "non-empty names without dots, e.g. ('jpg', 'png')")
+        if self.caption_key.startswith(".") or self.caption_key.endswith(".") or \
+                ".." in self.caption_key:
+            raise ValueError(f"DataConfig.caption_key {self.caption_key!r} has an empty part: "
+                             "write a field name or a dotted path such as meta.caption")
+        if not 0 <= self.bad_sample_warn_fraction <= 1:
+            raise ValueError(f"DataConfig.bad_sample_warn_fraction "
+                             f"{self.bad_sample_warn_fraction} is not a fraction: use [0, 1]")
         if not self.tokenizer_model:
             raise ValueError("DataConfig.tokenizer_model is empty: set it to a SentencePiece "
                              ".model file (tools/train_tokenizer.py)")
@@ -127,13 +173,15 @@ class DataConfig:
                                  "RGB channel (3)")
         if min(self.std) <= 0:
             raise ValueError(f"DataConfig.std {self.std} has a non-positive entry: use > 0")
-        for name in ("num_threads", "prefetch", "shuffle_buffer", "max_image_pixels"):
+        for name in ("num_threads", "prefetch", "shuffle_buffer", "max_image_pixels",
+                     "bad_sample_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} {getattr(self, name)} must be >= 1")
 
-    def resolve_shards(self, spec: str | None = None) -> list[str]:
-        """Concrete, sorted shard paths of `spec` (default: train_shards), each checked to be
-        a readable tar. Raises FileNotFoundError / ValueError naming the shard and the fix."""
+    def resolve_shards(self, spec: str | list | None = None) -> list[str]:
+        """Concrete shard paths of `spec` (default: train_shards; a mixture's sources one after
+        the other, unweighted), each checked to be a readable tar. Raises FileNotFoundError /
+        ValueError naming the shard and the fix."""
         spec = self.train_shards if spec is None else spec
         return resolve_shard_spec(spec)
 
@@ -145,7 +193,21 @@ def _check_range(name: str, value: tuple[float, float], upper: float | None) -> 
         raise ValueError(f"DataConfig.{name} {tuple(value)} is invalid: need {bound}")
 
 
-def resolve_shard_spec(spec: str) -> list[str]:
+def resolve_shard_spec(spec: str | list) -> list[str]:
+    """Expand any shard spec (see DataConfig.train_shards) into validated tar paths; a
+    mixture's sources are concatenated (their weights apply in the loader, mixing.py)."""
+    from ov2_megatron.data.mixing import parse_sources
+
+    sources = parse_sources(spec)
+    if not sources:
+        raise ValueError("shard spec is empty: give a glob, directory or comma list of .tar files")
+    paths: list[str] = []
+    for source in sources:
+        paths.extend(resolve_plain_spec(source.spec))
+    return paths
+
+
+def resolve_plain_spec(spec: str) -> list[str]:
     """Expand a glob / directory / comma list into validated tar paths (see DataConfig)."""
     if not spec.strip():
         raise ValueError("shard spec is empty: give a glob, directory or comma list of .tar files")
@@ -215,5 +277,5 @@ def shards_digest(shards: list[str]) -> str:
 
 
 __all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
-           "MAX_COLOR_JITTER", "resolve_shard_spec", "check_shard",
+           "MAX_COLOR_JITTER", "resolve_shard_spec", "resolve_plain_spec", "check_shard",
            "index_path_for", "find_index_paths", "shards_digest"]

@@ -1,8 +1,10 @@
 """ImageCaptionLoader: webdataset shards -> DALI decode/augment -> {"images", "tokens"} batches.
 
 Pipeline per data-parallel rank (one graph; only the decoder's device changes):
-    readers.webdataset (shard_id=dp_rank, num_shards=dp_size, shuffle buffer, seed)
-      -> python_function SampleFilter (header checks, placeholder swap, tokenization)
+    readers.webdataset (image, .txt, .json; shard_id=dp_rank, num_shards=dp_size, shuffle
+                        buffer, seed; index files made on first use: shard_index.py)
+      -> python_function SampleFilter (header checks, caption from .txt or a .json field,
+                                       placeholder swap, tokenization)
       -> decoders.image_random_crop (train) | decoders.image (eval)
          device "mixed" (nvJPEG on the GPU) when CUDA is there, "cpu" otherwise
       -> resize, bilinear antialiased: to R x R (train) | shorter side to R (eval)
@@ -13,8 +15,10 @@ is a pure function of (shards, seed, dp_rank, dp_size, batch_size) and the resto
 
 Bad samples never stop the stream: SampleFilter flags them, and here a flagged row is replaced
 by a good row of the same batch (training: shapes stay fixed) or dropped (eval: metrics see
-only real samples); each is counted by reason in `stats()`. Decoder failures that slip past
-the header checks are recovered from (see sample_filter.py and `_recover`).
+only real samples); each is counted by reason in `stats()`, and a window of bad samples warns
+or, when entirely bad, raises naming the shards (bad_data.py). Decoder failures that slip past
+the header checks are recovered from (see sample_filter.py and `_recover`). A weighted
+mixture of shard sets is expanded into one shard list before DALI sees it (mixing.py).
 
 Resume: `state()` holds DALI's own checkpoint taken through the iterator after the last
 consumed batch (reader position, shuffle buffer RNG, augmentation RNG), plus our counters and
@@ -33,12 +37,17 @@ from collections import Counter
 
 import torch
 
-from ov2_megatron.data.config import DataConfig, find_index_paths, resolve_shard_spec, shards_digest
+from ov2_megatron.data.bad_data import BadDataMonitor
+from ov2_megatron.data.config import DataConfig, resolve_plain_spec, shards_digest
+from ov2_megatron.data.mixing import is_mixture, mixture_shards, parse_sources
 from ov2_megatron.data.sample_checks import Issue
+from ov2_megatron.data.shard_index import ensure_indexes, samples_in_index
 from ov2_megatron.data.sample_filter import SampleFilter
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 
-_STATE_VERSION = 1
+# 2: the graph gained the caption-candidate draw and source_info ops (v1 checkpoints of DALI
+# name operators this graph lacks, so they cannot load).
+_STATE_VERSION = 2
 _ISSUE_NAMES = tuple(issue.metric_name for issue in Issue if issue != Issue.OK)
 _TOTAL_NAMES = ("samples", "replaced", "dropped", "batches_skipped", "recoveries")
 _MAX_RECOVERIES_PER_BATCH = 3
@@ -58,7 +67,7 @@ def resolve_device(device: str) -> str:
 
 def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_size: int,
                    batch_size: int, training: bool, device: str, sample_filter: SampleFilter,
-                   checkpoint: bytes | None = None):
+                   checkpoint: bytes | None = None, index_paths: list[str] | None = None):
     """The DALI pipeline described in the module docstring (not yet built)."""
     from nvidia.dali import pipeline_def
 
@@ -67,7 +76,9 @@ def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_si
     graph = pipeline_def(_graph, enable_conditionals=True)
     # Different ranks must not draw the same crop sequence; the reader seed only orders its
     # own shard, so deriving both from (seed, rank) is safe.
-    return graph(config, shards, find_index_paths(shards), dp_rank, dp_size, training, device,
+    if index_paths is None:
+        index_paths = ensure_indexes(shards, config.index_cache_dir)
+    return graph(config, shards, index_paths, dp_rank, dp_size, training, device,
                  sample_filter, batch_size=batch_size, num_threads=config.num_threads,
                  device_id=device_id, seed=(config.seed * 1_000_003 + dp_rank) % (2**31),
                  prefetch_queue_depth=config.prefetch, enable_checkpointing=True,
@@ -80,13 +91,20 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     from nvidia.dali import fn, types
 
     size = config.resolution
-    jpegs, texts = fn.readers.webdataset(
-        paths=shards, index_paths=index_paths, ext=["jpg;jpeg", "txt"],
-        missing_component_behavior="empty",  # a missing .txt becomes an empty caption
+    jpegs, texts, metas = fn.readers.webdataset(
+        paths=shards, index_paths=index_paths,
+        ext=[";".join(config.image_extensions), "txt", "json"],
+        missing_component_behavior="empty",  # a missing entry is empty; SampleFilter says why
         shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
         initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
-    jpegs, tokens, issues, captions = fn.python_function(
-        jpegs, texts, function=sample_filter, num_outputs=4, batch_processing=True)
+    # One uniform draw per sample picks a caption among candidates: a DALI random op, so the
+    # pick changes every epoch, follows the seed and is restored by the checkpoint.
+    draws = fn.random.uniform(range=[0.0, 1.0])
+    sources = [fn.get_property(x, key="source_info") for x in (jpegs, texts)]
+    jpegs, tokens, issues, captions, bad_sources = fn.python_function(
+        jpegs, texts, metas, draws, *sources, function=sample_filter, num_outputs=5,
+        batch_processing=True)
+    bad_sources = fn.pad(bad_sources, fill_value=0)  # [B, max_len] uint8, empty rows all NUL
     decoder_device = "mixed" if device == "gpu" else "cpu"
     # nvJPEG's default chroma upsampling differs from libjpeg-turbo's; ask for the CPU's, so
     # GPU and CPU runs (and the CPU-tested pixels) agree.
@@ -102,7 +120,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                           crop=(size, size), crop_pos_x=_CENTRE,
                                           crop_pos_y=_CENTRE, mean=mean, std=std)
-        return images, tokens, issues, fn.pad(captions, fill_value=0)
+        return images, tokens, issues, bad_sources, fn.pad(captions, fill_value=0)
     images = fn.decoders.image_random_crop(
         jpegs, device=decoder_device, output_type=types.RGB,
         random_area=list(config.crop_scale), random_aspect_ratio=list(config.crop_ratio),
@@ -112,7 +130,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     mirror = fn.random.coin_flip(probability=0.5) if config.flip else 0
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                       mean=mean, std=std, mirror=mirror)
-    return images, tokens, issues
+    return images, tokens, issues, bad_sources
 
 
 def color_ops(config: DataConfig, training: bool = True) -> str:
@@ -190,7 +208,7 @@ class ImageCaptionLoader:
 
     def __init__(self, config: DataConfig, *, dp_rank: int, dp_size: int, batch_size: int,
                  training: bool = True, resume_state: dict | None = None, device: str = "auto",
-                 shards: str | None = None):
+                 shards: str | list | None = None):
         config.validate()
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
@@ -203,11 +221,11 @@ class ImageCaptionLoader:
                              "set val_shards or pass shards=")
         self.config, self.training = config, training
         self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
-        self.shards = resolve_shard_spec(spec)  # raises before any pipeline exists
-        if training:  # one seeded order for all ranks: DALI splits this list into rank ranges
-            random.Random(config.seed).shuffle(self.shards)
+        self.shards, self._index_paths, self.mixture = self._resolve(spec)
         self.tokenizer = CaptionTokenizer.from_file(config.tokenizer_model)
-        self._filter = SampleFilter(self.tokenizer, config.caption_length, config.max_image_pixels)
+        self._filter = SampleFilter(self.tokenizer, config.caption_length, config.max_image_pixels,
+                                    caption_key=config.caption_key, sample_candidates=training)
+        self._monitor = BadDataMonitor(config.bad_sample_window, config.bad_sample_warn_fraction)
         self._stats: Counter = Counter()
         self._batches = 0
         checkpoint = None
@@ -226,6 +244,24 @@ class ImageCaptionLoader:
             self.device = "cpu"
             self._build(checkpoint)
 
+    def _resolve(self, spec) -> tuple[list[str], list[str], list[tuple[str, float]]]:
+        """(shard list DALI reads, its index paths, [(source spec, weight)] of a mixture).
+        Raises, naming the shard, before any pipeline exists."""
+        sources = parse_sources(spec)
+        groups = [resolve_plain_spec(source.spec) for source in sources]
+        unique = sorted({shard for group in groups for shard in group})
+        index_of = dict(zip(unique, ensure_indexes(unique, self.config.index_cache_dir)))
+        mixture: list[tuple[str, float]] = []
+        if self.training and is_mixture(sources):
+            counts = {shard: samples_in_index(index_of[shard]) for shard in unique}
+            shards = mixture_shards(groups, [s.weight for s in sources], counts, self.config.seed)
+            mixture = [(s.spec, s.weight) for s in sources]
+        else:
+            shards = [shard for group in groups for shard in group]
+        if self.training:  # one seeded order for all ranks: DALI splits this list into ranges
+            random.Random(self.config.seed).shuffle(shards)
+        return shards, [index_of[shard] for shard in shards], mixture
+
     def _build(self, checkpoint: bytes | None) -> None:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -233,9 +269,11 @@ class ImageCaptionLoader:
         self._pipe = build_pipeline(self.config, self.shards, dp_rank=self.dp_rank,
                                     dp_size=self.dp_size, batch_size=self.batch_size,
                                     training=self.training, device=self.device,
-                                    sample_filter=self._filter, checkpoint=checkpoint)
+                                    sample_filter=self._filter, checkpoint=checkpoint,
+                                    index_paths=self._index_paths)
         self._pipe.build()
-        names = ["images", "tokens", "issues"] + ([] if self.training else ["captions"])
+        names = ["images", "tokens", "issues", "sources"] + ([] if self.training
+                                                              else ["captions"])
         # Training has no reader_name: the iterator never ends an epoch, so there is no epoch
         # bookkeeping to checkpoint and no padded duplicate at an epoch edge.
         self._iter = DALIGenericIterator(
@@ -278,6 +316,8 @@ class ImageCaptionLoader:
         if n_bad:
             for code, count in Counter(issues[bad].tolist()).items():
                 self._stats[Issue(code).metric_name] += count
+        self._monitor.update(issues.tolist(), _sources(out["sources"], bad) if n_bad
+                             else [""] * len(issues))
         batch: dict = {}
         if not self.training:
             keep = torch.nonzero(~bad).reshape(-1)
@@ -346,19 +386,24 @@ class ImageCaptionLoader:
         """Picklable (plain types only) state that resumes this exact stream."""
         checkpoint = self._checkpoint if self._checkpoint is not None else \
             self._iter.checkpoints()[0]
-        return {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "batch_size": self.batch_size, "training": self.training,
-                "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
-                "color_ops": color_ops(self.config, self.training), "batches": self._batches,
+        return {**self._identity(), "batches": self._batches,
                 "stats": dict(self._stats), "blocklist": self._filter.blocked(),
+                "caption_key": self.config.caption_key,
                 "dali": base64.b64encode(checkpoint if isinstance(checkpoint, bytes)
                                          else checkpoint.encode()).decode("ascii")}
 
+    def _identity(self) -> dict:
+        """What a resume_state must match: the exact split, list and graph DALI recorded.
+        The shard digest covers a mixture's expanded list (so its weights); the mixture is
+        listed too, so a refusal can say which weight changed."""
+        return {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "batch_size": self.batch_size, "training": self.training,
+                "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
+                "color_ops": color_ops(self.config, self.training),
+                "mixture": [[_spec_names(spec), weight] for spec, weight in self.mixture]}
+
     def _load_state(self, state: dict) -> bytes:
-        expected = {"version": _STATE_VERSION, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                    "batch_size": self.batch_size, "training": self.training,
-                    "shards": shards_digest(sorted(self.shards)), "seed": self.config.seed,
-                    "color_ops": color_ops(self.config, self.training)}
+        expected = self._identity()
         state = {"color_ops": "none", **state}  # states saved before the colour ops had none
         for key, value in expected.items():
             if state.get(key) != value:
@@ -368,12 +413,28 @@ class ImageCaptionLoader:
                     "split of the shards, and the random state of one exact graph; it cannot "
                     "be re-split or moved. Resume with the same data-parallel size, batch size, "
                     "shards, seed and colour ops (color_jitter / grayscale_probability on or "
-                    "off), or pass resume_state=None to start a fresh stream (samples already "
-                    "seen will be seen again).")
+                    "off), or start a fresh stream with --set train.resume_data_stream=false "
+                    "(samples already seen will be seen again).")
+        if state.get("caption_key", "") != self.config.caption_key:
+            warnings.warn(f"data.caption_key changed since the checkpoint "
+                          f"({state.get('caption_key', '')!r} -> {self.config.caption_key!r}): "
+                          "the stream resumes, with captions from the new field", stacklevel=3)
         self._stats = Counter(state["stats"])
         self._batches = int(state["batches"])
         self._filter.restore_blocklist(state["blocklist"])
         return base64.b64decode(state["dali"])
+
+
+def _sources(padded: torch.Tensor, bad: torch.Tensor) -> list[str]:
+    """Per-row source_info text of bad rows ("" for good ones), from the NUL-padded bytes."""
+    rows = padded.cpu()
+    return [bytes(rows[i].tolist()).rstrip(b"\0").decode("utf-8", "replace") if is_bad else ""
+            for i, is_bad in enumerate(bad.tolist())]
+
+
+def _spec_names(spec: str) -> str:
+    # Base names only (as shards_digest): a dataset moved to another mount point still resumes.
+    return ",".join(part.rstrip("/").rsplit("/", 1)[-1] for part in spec.split(","))
 
 
 __all__ = ["ImageCaptionLoader", "DecodeProbe", "build_pipeline", "color_ops",

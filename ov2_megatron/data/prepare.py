@@ -1,5 +1,7 @@
-"""Turn a folder or a table of (image, caption) into validated shards; the library behind
-tools/prepare_shards.py and the synthetic dataset.
+"""Turn a folder, a table or existing webdataset shards (img2dataset's, a tar or a folder of
+tars) of (image, caption) into validated shards; the library behind tools/prepare_shards.py
+and the synthetic dataset. Captions come from `.txt` or, with `caption_key`, from a `.json`
+field (captions.py: the same meaning as data.caption_key).
 
 Every image is decoded once (PIL). Samples that cannot be trained on are skipped and listed
 with their reason in `skipped.tsv`; usable non-JPEG images are re-encoded to JPEG so the
@@ -18,19 +20,21 @@ import json
 import multiprocessing
 import os
 import shutil
+import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from ov2_megatron.data.captions import candidates_in, missing_caption_hint
 from ov2_megatron.data.sample_checks import Issue, check_caption, inspect_image
-from ov2_megatron.data.shards import Sample, ShardWriter
+from ov2_megatron.data.shards import Sample, ShardWriter, iter_shard
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "txt", "title", "description")
 MANIFEST, SKIP_REPORT = "manifest.json", "skipped.tsv"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -119,18 +123,70 @@ def _ordered_map(pool, jobs: Iterator, window: int = 4096) -> Iterator:
         yield from pool.imap(_validate, chunk, chunksize=16)
 
 
-def iter_inputs(path: str, image_column: str | None = None,
-                caption_column: str | None = None) -> Iterator[RawSample]:
-    """Samples of a folder (images + same-named .txt, optional .json) or a table file."""
+def iter_inputs(path: str, image_column: str | None = None, caption_column: str | None = None,
+                caption_key: str = "") -> Iterator[RawSample]:
+    """Samples of a folder (images + same-named .txt, optional .json), a folder of .tar
+    shards, one .tar shard or a table file."""
     if os.path.isdir(path):
-        yield from _iter_folder(path)
+        if _has_images(path):
+            yield from _iter_folder(path, caption_key=caption_key)
+        else:
+            yield from _iter_shards(_tars_in(path), caption_key)
+    elif os.path.isfile(path) and path.endswith(".tar"):
+        yield from _iter_shards([path], caption_key)
     elif os.path.isfile(path):
         yield from _iter_table(path, image_column, caption_column)
     else:
-        raise FileNotFoundError(f"input {path} does not exist: give a folder or a table file")
+        raise FileNotFoundError(f"input {path} does not exist: give a folder, a .tar shard or a "
+                                "table file")
 
 
-def _iter_folder(root: str, read: bool = True) -> Iterator[RawSample]:
+def _has_images(root: str) -> bool:
+    return any(os.path.splitext(p)[1].lower() in IMAGE_EXTS
+               for p in glob.iglob(os.path.join(root, "**", "*"), recursive=True))
+
+
+def _tars_in(root: str) -> list[str]:
+    tars = sorted(glob.glob(os.path.join(root, "*.tar")))  # flat, as img2dataset writes
+    if not tars:
+        raise ValueError(f"input folder {root} holds no images ({', '.join(IMAGE_EXTS)}) and "
+                         "no .tar shards: point --input at the images or the shards")
+    return tars
+
+
+def _iter_shards(tars: list[str], caption_key: str) -> Iterator[RawSample]:
+    """Samples of existing webdataset shards. The first sample's caption is checked against
+    `caption_key`: a wrong option is one clear error, not a skip report of every sample."""
+    checked = False
+    for tar in tars:
+        try:
+            for sample in iter_shard(tar):
+                if not checked:
+                    hint = missing_caption_hint(f"shard {tar} sample {sample.key}",
+                                                sample.has_txt, sample.meta, caption_key)
+                    if hint:
+                        raise ValueError(hint)
+                    checked = True
+                yield _shard_raw_sample(tar, sample, caption_key)
+        except tarfile.TarError as err:
+            raise ValueError(f"shard {tar} is not a readable tar ({err}): remove it from the "
+                             "input or re-download it") from None
+
+
+def _shard_raw_sample(tar: str, sample: Sample, caption_key: str) -> RawSample:
+    source = f"{os.path.basename(tar)}:{sample.key}"
+    caption: bytes | str | None = sample.caption.encode("utf-8") if sample.has_txt else None
+    if caption_key:
+        issue, found = candidates_in(sample.meta, caption_key)
+        if issue != Issue.OK:
+            return RawSample(source=source, skip_reason=issue.metric_name)
+        caption = found[0]  # the .json (kept as the sidecar) still holds every candidate
+    if not sample.jpeg:
+        return RawSample(source=source, skip_reason="missing_image")
+    return RawSample(source=source, image=sample.jpeg, caption=caption, meta=sample.meta)
+
+
+def _iter_folder(root: str, read: bool = True, caption_key: str = "") -> Iterator[RawSample]:
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                    if os.path.splitext(p)[1].lower() in IMAGE_EXTS and os.path.isfile(p))
     for image_path in files:
@@ -146,8 +202,12 @@ def _iter_folder(root: str, read: bool = True) -> Iterator[RawSample]:
                 meta = json.loads(meta_bytes)
             except ValueError:
                 meta = None
+        meta = meta if isinstance(meta, dict) else None
+        if caption_key:
+            issue, found = candidates_in(meta, caption_key)
+            caption = found[0] if issue == Issue.OK else None
         yield RawSample(source=os.path.relpath(image_path, root), image_path=image_path,
-                        caption=caption, meta=meta if isinstance(meta, dict) else None)
+                        caption=caption, meta=meta)
 
 
 def _read_optional(path: str) -> bytes | None:
@@ -210,8 +270,9 @@ def _read_table(path: str) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             yield from batch.to_pylist()
     else:
-        raise ValueError(f"input table {path} has unknown type {ext!r}: use .csv, .tsv, .jsonl "
-                         "or .parquet, or a folder of images with .txt captions")
+        raise ValueError(f"input {path} has unknown type {ext!r}: use a .tar shard (or a folder "
+                         "of them), a .csv, .tsv, .jsonl or .parquet table, or a folder of "
+                         "images with .txt captions")
 
 
 def _pick_column(path: str, row: dict, wanted: str | None, candidates: tuple[str, ...],
@@ -227,11 +288,15 @@ def _pick_column(path: str, row: dict, wanted: str | None, candidates: tuple[str
                      f"name the column with {flag}")
 
 
-def input_fingerprint(path: str, samples_per_shard: int, max_image_pixels: int) -> str:
+def input_fingerprint(path: str, samples_per_shard: int, max_image_pixels: int,
+                      caption_key: str = "") -> str:
     """Digest of everything the output depends on: the input files' names, sizes and mtimes and
     the settings. Equal digests mean a re-run would write identical shards."""
-    digest = hashlib.sha256(f"{_FORMAT_VERSION} {samples_per_shard} {max_image_pixels}".encode())
-    if os.path.isdir(path):  # images and their sidecars only: an output dir inside is ignored
+    digest = hashlib.sha256(
+        f"{_FORMAT_VERSION} {samples_per_shard} {max_image_pixels} {caption_key}".encode())
+    if os.path.isdir(path) and not _has_images(path):  # a folder of input shards
+        files = sorted(glob.glob(os.path.join(path, "*.tar")))
+    elif os.path.isdir(path):  # images and their sidecars only: an output dir inside is ignored
         files = []
         for sample in _iter_folder(path, read=False):
             stem = os.path.splitext(sample.image_path)[0]
@@ -254,10 +319,13 @@ def _iter_table_lenient(path: str) -> Iterator[RawSample]:
 
 def prepare_shards(input_path: str, out_dir: str, samples_per_shard: int = 1000,
                    max_image_pixels: int = 40_000_000, workers: int = 1,
-                   image_column: str | None = None,
-                   caption_column: str | None = None) -> PrepareReport:
-    """Folder/table -> shards in out_dir, with skipped.tsv and manifest.json. Idempotent."""
-    fingerprint = input_fingerprint(input_path, samples_per_shard, max_image_pixels)
+                   image_column: str | None = None, caption_column: str | None = None,
+                   caption_key: str = "") -> PrepareReport:
+    """Folder/table/shards -> shards in out_dir, with skipped.tsv and manifest.json.
+    Idempotent. Raises ValueError naming the input and the fix when it holds no samples."""
+    if os.path.isdir(input_path) and os.path.abspath(out_dir) == os.path.abspath(input_path):
+        raise ValueError(f"--output {out_dir} is the input folder: write the shards elsewhere")
+    fingerprint = input_fingerprint(input_path, samples_per_shard, max_image_pixels, caption_key)
     previous = read_manifest(out_dir)
     if previous and previous.get("fingerprint") == fingerprint and all(
             os.path.isfile(os.path.join(out_dir, s)) for s in previous["shards"]):
@@ -267,8 +335,13 @@ def prepare_shards(input_path: str, out_dir: str, samples_per_shard: int = 1000,
                              shards=[os.path.join(out_dir, s) for s in previous["shards"]])
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
-        report = write_samples(iter_inputs(input_path, image_column, caption_column), tmp,
-                               samples_per_shard, max_image_pixels, workers)
+        report = write_samples(iter_inputs(input_path, image_column, caption_column,
+                                           caption_key),
+                               tmp, samples_per_shard, max_image_pixels, workers)
+        if report.written == 0 and not report.skipped:
+            raise ValueError(f"input {input_path} holds no samples: a folder needs image files "
+                             f"({', '.join(IMAGE_EXTS)}) with same-named .txt captions, a table "
+                             "needs rows, a shard needs KEY.jpg/png/webp entries")
         _remove_manifest(out_dir)  # from here on the directory is "incomplete" until it returns
         for stale in glob.glob(os.path.join(out_dir, "shard-*")):
             os.remove(stale)

@@ -1,8 +1,9 @@
 """What makes a sample bad, checked two ways.
 
-`check_encoded_jpeg` / `check_caption` are header-level checks cheap enough to run on every
-sample inside the DALI pipeline (a few dozen byte reads, no decode): they catch the failures
-that would otherwise abort a DALI decode and with it the whole batch. `inspect_image` fully
+`check_encoded_image` (JPEG, PNG, WebP: what img2dataset writes) and `check_caption` are
+header-level checks cheap enough to run on every sample inside the DALI pipeline (a few dozen
+byte reads, no decode): they catch the failures that would otherwise abort a DALI decode and
+with it the whole batch. `inspect_image` fully
 decodes with PIL and is what tools/prepare_shards.py runs once per image when shards are made.
 """
 
@@ -20,14 +21,15 @@ class Issue(enum.IntEnum):
     """Why a sample was skipped or replaced. Values travel through DALI as int32."""
 
     OK = 0
-    EMPTY_IMAGE = 1        # zero-byte image entry, or no image entry for the key
-    NOT_JPEG = 2           # e.g. a PNG named .jpg: the shard contract is JPEG
-    TRUNCATED_JPEG = 3     # no end-of-image marker after the last scan
-    CORRUPT_JPEG = 4       # marker structure broken before the frame header
-    OVERSIZED_IMAGE = 5    # header declares more than max_image_pixels
-    EMPTY_CAPTION = 6      # missing .txt entry, or only whitespace
+    EMPTY_IMAGE = 1            # zero-byte image entry, or no image entry for the key
+    UNSUPPORTED_IMAGE = 2      # not JPEG, PNG or WebP (e.g. GIF, TIFF, HTML error page)
+    TRUNCATED_IMAGE = 3        # JPEG without EOI after its last scan, PNG without IEND, short WebP
+    CORRUPT_IMAGE = 4          # header structure broken before the image size
+    OVERSIZED_IMAGE = 5        # header declares more than max_image_pixels
+    NO_CAPTION = 6             # missing .txt entry, or a caption of only whitespace
     CAPTION_NOT_UTF8 = 7
-    DECODE_ERROR = 8       # passed the header checks but the decoder failed on it
+    UNDECODABLE = 8            # passed the header checks but the decoder failed on it
+    CAPTION_FIELD_MISSING = 9  # data.caption_key set, but the .json lacks it or is not JSON
 
     @property
     def metric_name(self) -> str:
@@ -46,13 +48,13 @@ def check_encoded_jpeg(data: np.ndarray | bytes, max_pixels: int) -> Issue:
     if n == 0:
         return Issue.EMPTY_IMAGE
     if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8 or buf[2] != 0xFF:
-        return Issue.NOT_JPEG
+        return Issue.UNSUPPORTED_IMAGE
     pos = 2
     while True:  # walk marker segments up to the frame header (SOF)
         if pos + 4 > n:
-            return Issue.TRUNCATED_JPEG
+            return Issue.TRUNCATED_IMAGE
         if buf[pos] != 0xFF:
-            return Issue.CORRUPT_JPEG
+            return Issue.CORRUPT_IMAGE
         marker = buf[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
@@ -61,22 +63,82 @@ def check_encoded_jpeg(data: np.ndarray | bytes, max_pixels: int) -> Issue:
             pos += 2
             continue
         if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return Issue.CORRUPT_JPEG
+            return Issue.CORRUPT_IMAGE
         seg_len = (buf[pos + 2] << 8) | buf[pos + 3]
         if marker in _SOF_MARKERS:
             if pos + 9 > n:
-                return Issue.TRUNCATED_JPEG
+                return Issue.TRUNCATED_IMAGE
             height = (buf[pos + 5] << 8) | buf[pos + 6]
             width = (buf[pos + 7] << 8) | buf[pos + 8]
             if height == 0 or width == 0:
-                return Issue.CORRUPT_JPEG
+                return Issue.CORRUPT_IMAGE
             if height * width > max_pixels:
                 return Issue.OVERSIZED_IMAGE
             break
         if seg_len < 2:
-            return Issue.CORRUPT_JPEG
+            return Issue.CORRUPT_IMAGE
         pos += 2 + seg_len
-    return Issue.OK if _has_end_after_last_scan(buf) else Issue.TRUNCATED_JPEG
+    return Issue.OK if _has_end_after_last_scan(buf) else Issue.TRUNCATED_IMAGE
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+
+
+def check_encoded_image(data: np.ndarray | bytes, max_pixels: int) -> Issue:
+    """Header-level validity of an encoded JPEG, PNG or WebP, chosen by its magic bytes (not
+    the entry's extension: img2dataset and friends name files by requested, not real, format)."""
+    buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+    head = buf[:16].tobytes()
+    if head.startswith(_PNG_SIGNATURE):
+        return _check_png(buf, max_pixels)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return _check_webp(buf, max_pixels)
+    return check_encoded_jpeg(buf, max_pixels)
+
+
+def _check_png(buf: memoryview, max_pixels: int) -> Issue:
+    # Signature, then IHDR first: length 13, "IHDR", width and height as big-endian u32.
+    if len(buf) < 33 or buf[12:16].tobytes() != b"IHDR":
+        return Issue.CORRUPT_IMAGE if len(buf) >= 33 else Issue.TRUNCATED_IMAGE
+    width = int.from_bytes(buf[16:20], "big")
+    height = int.from_bytes(buf[20:24], "big")
+    if width == 0 or height == 0:
+        return Issue.CORRUPT_IMAGE
+    if width * height > max_pixels:
+        return Issue.OVERSIZED_IMAGE
+    # A cut file loses its IEND; trailing junk after IEND is rare and decoders accept it.
+    tail = buf[-len(_PNG_END):].tobytes()
+    if tail == _PNG_END or b"IEND" in buf[-4096:].tobytes():
+        return Issue.OK
+    return Issue.TRUNCATED_IMAGE
+
+
+def _check_webp(buf: memoryview, max_pixels: int) -> Issue:
+    # RIFF size (u32 LE at 4) counts the bytes after the first 8: a cut file is shorter.
+    if len(buf) < 30:
+        return Issue.TRUNCATED_IMAGE
+    if int.from_bytes(buf[4:8], "little") + 8 > len(buf):
+        return Issue.TRUNCATED_IMAGE
+    chunk = buf[12:16].tobytes()
+    if chunk == b"VP8 ":  # lossy: 3-byte frame tag, start code, 14-bit width and height
+        if buf[23:26].tobytes() != b"\x9d\x01\x2a":
+            return Issue.CORRUPT_IMAGE
+        width = int.from_bytes(buf[26:28], "little") & 0x3FFF
+        height = int.from_bytes(buf[28:30], "little") & 0x3FFF
+    elif chunk == b"VP8L":  # lossless: signature 0x2f, then 14-bit width-1 and height-1
+        if buf[20] != 0x2F:
+            return Issue.CORRUPT_IMAGE
+        bits = int.from_bytes(buf[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1
+        width = int.from_bytes(buf[24:27], "little") + 1
+        height = int.from_bytes(buf[27:30], "little") + 1
+    else:
+        return Issue.CORRUPT_IMAGE
+    if width == 0 or height == 0:
+        return Issue.CORRUPT_IMAGE
+    return Issue.OVERSIZED_IMAGE if width * height > max_pixels else Issue.OK
 
 
 def _has_end_after_last_scan(buf: memoryview) -> bool:
@@ -98,7 +160,7 @@ def check_caption(data: np.ndarray | bytes) -> tuple[Issue, str]:
         return Issue.CAPTION_NOT_UTF8, ""
     text = " ".join(text.split())  # newlines/tabs inside a caption become single spaces
     if not text:
-        return Issue.EMPTY_CAPTION, ""
+        return Issue.NO_CAPTION, ""
     return Issue.OK, text
 
 
@@ -141,4 +203,4 @@ def _os_error_reason(err: OSError) -> str:
     return "truncated" if "truncated" in str(err).lower() else f"corrupt: {err}"
 
 
-__all__ = ["Issue", "check_encoded_jpeg", "check_caption", "inspect_image"]
+__all__ = ["Issue", "check_encoded_image", "check_encoded_jpeg", "check_caption", "inspect_image"]

@@ -3,9 +3,13 @@
 DALI aborts a whole batch (and an iterator with it) when one image fails to decode, and it
 has no per-sample skip. So before decoding, `SampleFilter` runs once per batch
 (`fn.python_function(batch_processing=True)`) and:
-  * checks each encoded image and caption at header level (sample_checks), swapping a bad
-    image for a tiny valid placeholder JPEG so the decoder never sees it;
-  * reports an `Issue` code per sample, which the loader uses to replace the row and count it;
+  * checks each encoded image (JPEG, PNG or WebP) and caption at header level (sample_checks),
+    swapping a bad image for a tiny valid placeholder JPEG so the decoder never sees it;
+  * takes the caption from `.txt` or from the `.json` field `caption_key` (captions.py),
+    picking one of several candidates with the per-sample uniform draw DALI passes in;
+  * reports an `Issue` code per sample, which the loader uses to replace the row and count it,
+    and for a bad sample its source ("shard.tar:offset:name", DALI's source_info), so an
+    error can name the shard;
   * tokenizes the captions into fixed-length rows, so tokens leave DALI as a dense tensor.
 Its output depends only on its input (and the blocklist), so DALI checkpoints stay exact.
 
@@ -24,7 +28,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from ov2_megatron.data.sample_checks import Issue, check_caption, check_encoded_jpeg
+from ov2_megatron.data.captions import pick_caption
+from ov2_megatron.data.sample_checks import Issue, check_encoded_image
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 
 
@@ -40,10 +45,15 @@ def fingerprint(data: np.ndarray | bytes) -> str:
 
 
 class SampleFilter:
-    """Callable for fn.python_function: (jpegs, captions) -> (jpegs, tokens, issues, captions)."""
+    """Callable for fn.python_function:
+    (images, texts, metas, draws, image_sources, text_sources)
+        -> (images, tokens, issues, captions, bad_sources)."""
 
-    def __init__(self, tokenizer: CaptionTokenizer, caption_length: int, max_image_pixels: int):
+    def __init__(self, tokenizer: CaptionTokenizer, caption_length: int, max_image_pixels: int,
+                 caption_key: str = "", sample_candidates: bool = True):
         self.tokenizer = tokenizer
+        self.caption_key = caption_key
+        self.sample_candidates = sample_candidates  # False (eval): always the first candidate
         self.caption_length = caption_length
         self.max_image_pixels = max_image_pixels
         self.placeholder = _placeholder_jpeg()
@@ -67,13 +77,17 @@ class SampleFilter:
         hashes = self.blocklist.get(len(data))
         return bool(hashes) and fingerprint(data) in hashes
 
-    def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray]):
-        out_jpegs, issues, texts, raw_captions = [], [], [], []
-        for jpeg, caption in zip(jpegs, captions, strict=True):
-            issue = check_encoded_jpeg(jpeg, self.max_image_pixels)
+    def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray],
+                 metas: list[np.ndarray], draws: list[np.ndarray],
+                 image_sources: list[np.ndarray], text_sources: list[np.ndarray]):
+        out_jpegs, issues, texts, raw_captions, bad_sources = [], [], [], [], []
+        for jpeg, caption, meta, draw, image_source, text_source in zip(
+                jpegs, captions, metas, draws, image_sources, text_sources, strict=True):
+            issue = check_encoded_image(jpeg, self.max_image_pixels)
             if issue == Issue.OK and self.blocklist and self._is_blocked(jpeg):
-                issue = Issue.DECODE_ERROR
-            caption_issue, text = check_caption(caption)
+                issue = Issue.UNDECODABLE
+            caption_issue, text = pick_caption(
+                caption, meta, self.caption_key, float(draw) if self.sample_candidates else None)
             if issue == Issue.OK:
                 issue = caption_issue
             # The decoder must see valid data even for a rejected row; the loader drops it later.
@@ -81,12 +95,15 @@ class SampleFilter:
             issues.append(np.array(int(issue), dtype=np.int32))
             texts.append(text)
             raw_captions.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+            # A missing image entry has no source of its own; its caption's names the sample.
+            source = image_source if len(image_source) else text_source
+            bad_sources.append(source if issue != Issue.OK else np.zeros(0, dtype=np.uint8))
         if self.capture_batches > 0:
             self.captured += [bytes(j) for j, i in zip(jpegs, issues, strict=True)
                               if int(i) == Issue.OK]
             self.capture_batches -= 1
         tokens = self.tokenizer.encode_batch(texts, self.caption_length)  # [B, L] int32
-        return out_jpegs, list(tokens), issues, raw_captions
+        return out_jpegs, list(tokens), issues, raw_captions, bad_sources
 
 
 __all__ = ["SampleFilter", "fingerprint"]

@@ -1,7 +1,8 @@
 """Webdataset shards: the writer (tar + DALI index, atomic) and a plain reader.
 
-A shard `shard-000042.tar` holds samples as consecutive entries `KEY.jpg`, `KEY.txt` and
-optionally `KEY.json`; `shard-000042.idx` beside it is DALI's index (format v1.2, what the
+A shard `shard-000042.tar` written here holds samples as consecutive entries `KEY.jpg`,
+`KEY.txt` and optionally `KEY.json` (the reader also takes img2dataset's `.png` / `.webp`
+images and JSON-only captions); `shard-000042.idx` beside it is DALI's index (format v1.2, what the
 `wds2idx` tool of the DALI wheel writes):
     v1.2 <num_samples>
     <ext> <data_offset> <size> <name> [<ext> <data_offset> <size> <name> ...]   one line a sample
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from ov2_megatron.data.config import index_path_for
 
 INDEX_VERSION = "v1.2"
+IMAGE_ENTRY_EXTS = ("jpg", "jpeg", "png", "webp")  # DataConfig.image_extensions' default
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 
@@ -35,6 +37,8 @@ class Sample:
     caption: str
     meta: dict | None = None
     """Optional JSON sidecar (source path, synthetic attributes...)."""
+    has_txt: bool = True
+    """Whether the sample had a `.txt` entry (readers of foreign shards: JSON-only captions)."""
 
 
 @dataclass
@@ -134,7 +138,7 @@ def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
                 yield _to_sample(key, current)
                 current = {}
             key = mkey
-            if ext == "jpg" and not with_images:
+            if ext in IMAGE_ENTRY_EXTS and not with_images:
                 current[ext] = b""
             else:
                 current[ext] = tar.extractfile(member).read()
@@ -143,9 +147,13 @@ def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
 
 
 def _to_sample(key: str, parts: dict[str, bytes]) -> Sample:
-    meta = json.loads(parts["json"]) if "json" in parts else None
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else None
+    except ValueError:
+        meta = None  # a broken sidecar is a missing one; the caption checks say the rest
     caption = parts.get("txt", b"").decode("utf-8", errors="replace")
-    return Sample(key=key, jpeg=parts.get("jpg", b""), caption=caption, meta=meta)
+    image = next((parts[ext] for ext in IMAGE_ENTRY_EXTS if ext in parts), b"")
+    return Sample(key=key, jpeg=image, caption=caption, meta=meta, has_txt="txt" in parts)
 
 
 def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:

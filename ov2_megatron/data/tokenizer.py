@@ -127,7 +127,8 @@ def train_tokenizer(captions: Iterable[str], out_prefix: str, vocab_size: int,
                     if count >= max_sentences:
                         break
         if count == 0:
-            raise ValueError("no non-empty captions to train the tokenizer on: check the shards")
+            raise ValueError("no non-empty captions to train the tokenizer on: check the shards "
+                             "(captions only in KEY.json? pass --caption-key FIELD)")
         tmp_prefix = os.path.join(tmp, "tok")
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type,

@@ -1,5 +1,9 @@
 """One metrics line per logging step, metrics.jsonl, TensorBoard, and a progress bar with
-ETA on interactive terminals. Only the logging rank (global rank 0) writes."""
+ETA on interactive terminals. Only the logging rank (global rank 0) writes.
+
+A dict value (the loader's replaced samples by reason, `bad_samples`) is logged as its total
+under its own name plus one metric per entry (`bad_samples/no_caption`), and printed as
+`bad_samples 109 (undecodable 100, no_caption 9)`: `skipped` counts non-finite steps only."""
 
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ class MetricsLogger:
             return
         if self._start_step is None:
             self._start_step, self._start = step - 1, time.monotonic()
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": step}
+        for key, value in values.items():
+            record.update(_flatten(key, value))
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -47,6 +53,8 @@ class MetricsLogger:
             value = record.get(key)
             if value is not None:
                 fields.append(f"{key} {format(value, fmt)}")
+        if record.get("bad_samples"):
+            fields.append(_breakdown("bad_samples", record))
         line = " | ".join(fields)
         if self.interactive:
             line = f"{self._bar(step)} {line} | ETA {self._eta(step)}"
@@ -71,6 +79,23 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._writer.close()
+
+
+def _flatten(key: str, value) -> dict:
+    """{key: value}, or for a dict {key: sum, key/name: count, ...}."""
+    if not isinstance(value, dict):
+        return {key: _plain(value)}
+    parts = {f"{key}/{name}": _plain(count) for name, count in sorted(value.items())}
+    return {key: sum(parts.values()), **parts}
+
+
+def _breakdown(key: str, record: dict) -> str:
+    """"bad_samples 109 (undecodable 100, no_caption 9)", largest reason first."""
+    prefix = key + "/"
+    parts = sorted(((k[len(prefix):], v) for k, v in record.items() if k.startswith(prefix)),
+                   key=lambda kv: -kv[1])
+    detail = ", ".join(f"{name} {count}" for name, count in parts)
+    return f"{key} {record[key]}" + (f" ({detail})" if detail else "")
 
 
 def _plain(value):

@@ -46,9 +46,36 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), quality: int = 90) -
     return buf.getvalue()
 
 
+def image_bytes(seed: int, fmt: str, size: tuple[int, int] = (48, 40)) -> bytes:
+    """A smooth random-colour image encoded by PIL as `fmt` ("JPEG", "PNG" or "WEBP")."""
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray((rng.random((3, 4, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    low.resize(size, Image.BICUBIC).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_img2dataset_shard(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A tar as img2dataset writes it: KEY.EXT entries, no DALI index beside it."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples:
+            for ext, payload in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
 def png_bytes(size: tuple[int, int] = (40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 20, 20)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif_bytes(size: tuple[int, int] = (40, 30)) -> bytes:
+    """A valid GIF: an image format the loader does not read (JPEG, PNG, WebP only)."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (20, 200, 20)).save(buf, format="GIF")
     return buf.getvalue()
 
 

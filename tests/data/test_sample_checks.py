@@ -46,13 +46,13 @@ def _exif() -> bytes:
 def test_truncation_anywhere_is_detected(cut):
     for data in (_jpeg(), _jpeg(progressive=True)):
         truncated = data[: int(len(data) * cut)]
-        assert check_encoded_jpeg(truncated, 10**6) in (Issue.TRUNCATED_JPEG, Issue.CORRUPT_JPEG)
+        assert check_encoded_jpeg(truncated, 10**6) in (Issue.TRUNCATED_IMAGE, Issue.CORRUPT_IMAGE)
 
 
 def test_other_bad_images():
     assert check_encoded_jpeg(b"", 10**6) == Issue.EMPTY_IMAGE
-    assert check_encoded_jpeg(png_bytes(), 10**6) == Issue.NOT_JPEG
-    assert check_encoded_jpeg(b"GIF89a" + b"\0" * 50, 10**6) == Issue.NOT_JPEG
+    assert check_encoded_jpeg(png_bytes(), 10**6) == Issue.UNSUPPORTED_IMAGE
+    assert check_encoded_jpeg(b"GIF89a" + b"\0" * 50, 10**6) == Issue.UNSUPPORTED_IMAGE
     assert check_encoded_jpeg(_jpeg(), 40 * 56 - 1) == Issue.OVERSIZED_IMAGE
     assert check_encoded_jpeg(_jpeg(), 40 * 56) == Issue.OK
     # entropy-data corruption is invisible to header checks: the loader's recovery handles it
@@ -62,8 +62,8 @@ def test_other_bad_images():
 def test_captions():
     assert check_caption(b"a cat  on\na mat\t") == (Issue.OK, "a cat on a mat")
     assert check_caption("東京".encode()) == (Issue.OK, "東京")
-    assert check_caption(b"")[0] == Issue.EMPTY_CAPTION
-    assert check_caption(b" \n\t ")[0] == Issue.EMPTY_CAPTION
+    assert check_caption(b"")[0] == Issue.NO_CAPTION
+    assert check_caption(b" \n\t ")[0] == Issue.NO_CAPTION
     assert check_caption("café".encode("latin-1"))[0] == Issue.CAPTION_NOT_UTF8
     assert check_caption(np.frombuffer(b"ok", dtype=np.uint8)) == (Issue.OK, "ok")
 

@@ -68,7 +68,7 @@ def _bad_folder(root) -> dict[str, str]:
                 {"emptycap.jpg": b"  \n", "latin1.jpg": "café".encode("latin-1")}.get(
                     name, f"sample {name} caption".encode()))
     return {"truncated.jpg": "truncated", "zero.jpg": "empty_file",
-            "nocaption.jpg": "missing_caption", "emptycap.jpg": "empty_caption",
+            "nocaption.jpg": "missing_caption", "emptycap.jpg": "no_caption",
             "latin1.jpg": "caption_not_utf8", "oversized.jpg": "oversized",
             "notimage.jpg": "not_an_image"}
 
@@ -133,7 +133,7 @@ def test_prepare_from_tables(tmp_path, kind):
         pq.write_table(pa.Table.from_pylist(rows), table)
     report = prepare_shards(str(table), str(tmp_path / "out"), samples_per_shard=100)
     assert report.written == 5
-    assert sorted(r for _, r in report.skipped) == ["empty_caption", "missing_image",
+    assert sorted(r for _, r in report.skipped) == ["missing_image", "no_caption",
                                                     "url_not_supported"]
     captions = [s.caption for s in iter_shard(str(tmp_path / "out" / "shard-000000.tar"))]
     assert captions == [f"sample {i}, with a comma" for i in range(5)]
