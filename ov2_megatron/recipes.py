@@ -9,7 +9,8 @@ from the stage-1 weights, with the position embedding adapted and a fresh LR sch
 
 from __future__ import annotations
 
-from ov2_megatron.config import DecoderConfig, ModelConfig, ParallelConfig, VisionConfig
+from ov2_megatron.config import (DecoderConfig, ModelConfig, ParallelConfig, VisionConfig,
+                                 padded_vocab_size)
 from ov2_megatron.data.config import DataConfig
 from ov2_megatron.training.run_config import RunConfig, TrainConfig
 
@@ -92,3 +93,17 @@ def get_recipe(name: str, stage: int = 1) -> RunConfig:
     if stage not in (1, 2):
         raise ValueError(f"--stage {stage}: use 1 or 2")
     return RECIPES[name](stage)
+
+
+def vocab_rule(pieces: int) -> str:
+    """What the recipes allocate for a tokenizer of `pieces` pieces, as tools/train_tokenizer.py
+    says it: model.decoder.vocab_size follows the tokenizer, and the embedding and head are
+    padded to the recipe's model.decoder.vocab_pad_multiple (a fixed multiple, any TP)."""
+    by_multiple: dict[int, list[str]] = {}
+    for name in RECIPES:
+        by_multiple.setdefault(get_recipe(name).model.decoder.vocab_pad_multiple, []).append(name)
+    rules = [f"{padded_vocab_size(pieces, m)} for {', '.join(names)} (a multiple of {m})"
+             for m, names in sorted(by_multiple.items(), reverse=True)]  # the paper's first
+    return (f"vocab size: {pieces} (the model pads it to {'; to '.join(rules)}: "
+            "model.decoder.vocab_pad_multiple). model.decoder.vocab_size follows "
+            "data.tokenizer_model by itself: leave it unset")

@@ -4,6 +4,10 @@
 Keys for --set are dotted paths into the run config (see --help-keys), e.g.
     --set train.steps=100 --set train.output_dir=runs/try --set parallel.tensor=2
     --set parallel.sequence_parallel=true --set data.train_shards=/data/shards
+Given data.train_shards, a run uses only your data: no synthetic set, validation on
+data.val_shards (or a held-out training shard), model.decoder.vocab_size from the tokenizer.
+Check a run, its data and a multi-GPU layout from a login node, without process groups:
+    ov2-train --recipe vit_1b --dry-run --nodes 4 --gpus-per-node 8 --set data.train_shards=...
 Re-running with the same train.output_dir resumes from its latest checkpoint.
 """
 
@@ -13,7 +17,8 @@ import argparse
 import dataclasses
 import os
 import sys
-import warnings
+
+from ov2_megatron.upstream_warnings import quiet_upstream_notices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,28 +29,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config field (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate, print the resolved config, layout and parameter count")
+                        help="validate without process groups or compute: the config, the "
+                        "layout, the shards, the tokenizer and vocabulary; print the resolved "
+                        "config, layout and parameter count")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="--dry-run: plan the layout for N ranks (default: WORLD_SIZE or "
+                        "SLURM_NTASKS, else 1)")
+    parser.add_argument("--nodes", type=int, metavar="N",
+                        help="--dry-run: plan for N nodes of --gpus-per-node GPUs each")
+    parser.add_argument("--gpus-per-node", type=int, metavar="G", help="with --nodes")
     parser.add_argument("--help-keys", action="store_true", help="list every --set key")
     return parser.parse_args(argv)
+
+
+def planned_world(args: argparse.Namespace) -> tuple[int, str]:
+    """(world size, where it came from). A real run takes it from its launcher; the flags only
+    plan a --dry-run, e.g. a multi-node layout checked from a login node."""
+    if args.nodes is not None or args.gpus_per_node is not None:
+        if args.nodes is None or args.gpus_per_node is None or args.world_size is not None:
+            raise ValueError("give --nodes N together with --gpus-per-node G, or --world-size N")
+        world, source = args.nodes * args.gpus_per_node, (
+            f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node}")
+    elif args.world_size is not None:
+        world, source = args.world_size, "--world-size"
+    else:
+        for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+            if name in os.environ:
+                return int(os.environ[name]), f"${name}"
+        return 1, "a single process (no --world-size, WORLD_SIZE or SLURM_NTASKS)"
+    if world < 1:
+        raise ValueError(f"world size {world} from {source} must be >= 1")
+    if not args.dry_run:
+        raise ValueError(f"{source} only plans a --dry-run: a run takes its world size from "
+                         "the launcher (torchrun, srun)")
+    return world, source
+
+
+# How to spell the values that are not plain numbers or strings.
+_KEY_NOTES = {
+    "synthetic": "--set synthetic=none switches it off; it is never built once "
+                 "data.train_shards is given",
+    "data.crop_scale": "as printed, (0.5,1.0), or 0.5,1.0",
+    "data.crop_ratio": "as printed, (0.75,1.333), or 0.75,1.333",
+    "model.decoder.vocab_size": "follows data.tokenizer_model unless set here (then it must "
+                                "match the tokenizer)",
+    "train.warmup_steps": "absolute (a run too short for it warms up over its first tenth, "
+                          "said in the start line); none to use train.warmup_fraction",
+}
 
 
 def _keys(obj, prefix="") -> list[str]:
     out = []
     for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
+        value, key = getattr(obj, field.name), f"{prefix}{field.name}"
         if dataclasses.is_dataclass(value):
-            out += _keys(value, f"{prefix}{field.name}.")
-        else:
-            out.append(f"{prefix}{field.name} = {value!r}")
+            out += _keys(value, f"{key}.")
+        elif key != "explicit":  # records the --set keys; not itself a setting
+            note = f"    # {_KEY_NOTES[key]}" if key in _KEY_NOTES else ""
+            out.append(f"{key} = {value!r}{note}")
     return out
 
 
-def dry_run(run, world_size: int) -> None:
+def dry_run(run, world_size: int, world_source: str = "") -> None:
     from ov2_megatron.models.flops import train_flops_per_sample
-    from ov2_megatron.training.run_config import validate_run
+    from ov2_megatron.training.run_config import validate_run, warmup_rule
     from ov2_megatron.variants import decoder_parameter_count, encoder_parameter_count
 
-    geom = validate_run(run, world_size)
+    notes = _dry_run_data(run, world_size)
+    geom = validate_run(run, world_size)  # again: the vocabulary may follow the tokenizer
     vit, patch = run.model.vision.shape()
     encoder = encoder_parameter_count(vit, patch, run.model.vision.image_size,
                                       run.model.vision.in_channels, run.model.vision.class_token,
@@ -55,9 +106,13 @@ def dry_run(run, world_size: int) -> None:
         geom.decoder_tokens if run.model.decoder.pos_embed == "learned" else 0)
     p = run.parallel
     print(run.to_json())
+    source = f" (world size from {world_source})" if world_source else ""
     print(f"layout: world {world_size} = TP {p.tensor} x PP {p.pipeline} x DP "
           f"{world_size // (p.tensor * p.pipeline)}; VPP {p.virtual_pipeline}; SP "
-          f"{p.sequence_parallel}")
+          f"{p.sequence_parallel}{source}")
+    for note in notes:
+        print(note)
+    print(f"schedule: {run.train.steps} steps, {warmup_rule(run.train)}")
     print(f"sequences: ViT {geom.vit_seq} ({geom.num_patches} patches + {geom.vit_prefix} "
           f"prefix + {geom.vit_seq - geom.vit_tokens} padding), decoder {geom.decoder_seq} "
           f"({geom.num_kept} kept + {geom.text_len} text + "
@@ -68,24 +123,37 @@ def dry_run(run, world_size: int) -> None:
     print(f"train FLOPs per image: {train_flops_per_sample(run.model, geom, run.train.recompute):.3e}")
 
 
+def _dry_run_data(run, world_size: int) -> list[str]:
+    """The data checks a run does at start-up, without its process groups: layout errors
+    first (they need no files), then the shards, the tokenizer and the vocabulary."""
+    from ov2_megatron.parallel.initialize import ParallelLayout
+    from ov2_megatron.training import data_sources
+    from ov2_megatron.training.run_config import validate_run
+
+    notes = data_sources.choose_sources(run)
+    validate_run(run, world_size)
+    if run.synthetic:  # built by the run itself (minutes): only its numbers are checkable
+        dataclasses.replace(run.data, train_shards="synthetic",
+                            tokenizer_model="synthetic").validate()
+        return notes + ["data: shards and tokenizer of the synthetic set are checked when the "
+                        "run builds it"]
+    if not data_sources.given(run.data.train_shards):
+        return notes + ["data: NOT CHECKED: data.train_shards is empty; a run needs it "
+                        "(tools/prepare_shards.py, then --set data.train_shards=...)"]
+    dp_size = ParallelLayout(run.parallel.tensor, run.parallel.pipeline).data_parallel_size(
+        world_size)
+    return notes + data_sources.check_data(run, dp_size)
+
+
 def _device_capability():
     import torch
 
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
-def _quiet_known_warnings() -> None:
-    """Upstream notices that say nothing actionable about a run (printed once per rank)."""
-    for pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
-                    ".*is deprecated. Please use `torch.distributed.*",
-                    ".*The .grad attribute of a Tensor that is not a leaf.*",
-                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _quiet_known_warnings()
+    quiet_upstream_notices()
     from ov2_megatron.recipes import get_recipe
     from ov2_megatron.training.run_config import apply_overrides
 
@@ -94,21 +162,21 @@ def main(argv=None) -> int:
         if args.help_keys:
             print("\n".join(_keys(run)))
             return 0
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        world, source = planned_world(args)
         if args.dry_run:
-            dry_run(run, world)
+            dry_run(run, world, source)
             return 0
         from ov2_megatron.training.run_config import validate_run
 
         validate_run(run, world, _device_capability())  # before any process group or compute
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a missing or unreadable shard
         print(f"ov2-train: configuration error: {error}", file=sys.stderr)
         return 2
     from ov2_megatron.training.loop import train
 
     try:
         summary = train(run)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"ov2-train: error: {error}", file=sys.stderr)
         return 2
     return 0 if summary else 1

@@ -25,15 +25,12 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
+
+from ov2_megatron.upstream_warnings import quiet_upstream_notices
 
 TOLERANCE = 1e-5
 MICRO_BATCHES = 2  # the batch runs as two micro-batches: accumulation and pipelining are real
-# Upstream notices with nothing actionable here (module level: the spawned ranks import this
-# file too).
-for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
-                 ".*Please use DTensor instead.*", ".*reduce_scatter_tensor. is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+quiet_upstream_notices()  # module level: spawned ranks import this file too
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
 """Evaluation: validation caption loss and token accuracy, greedy captions next to the true
 ones, and a linear probe on frozen encoder features (synthetic data: the dominant shape and
 colour, read off the caption). Every rank runs the same code (TP/PP collectives need
-all ranks); only global rank 0 prints and logs."""
+all ranks), over the same number of batches; only global rank 0 prints and logs. A run with
+no validation set (one own training shard, nothing to hold out) skips validation."""
 
 from __future__ import annotations
 
@@ -21,10 +22,17 @@ from ov2_megatron.training.step import MicroBatch, run_schedule
 
 
 def _eval_batches(run, shards: str, limit: int):
+    """This rank's first `limit` evaluation batches, cut to the count every rank has. DALI
+    splits the samples over the data-parallel ranks, so one rank may hold a batch more than
+    another; every batch runs collectives (run_schedule all-reduces over the world), so an
+    unequal count would leave a rank waiting for ever."""
     dp_rank, dp_size = checkpoint.data_parallel_info()
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
                                 batch_size=run.train.micro_batch, training=False, shards=shards)
-    return list(itertools.islice(iter(loader), limit))
+    items = list(itertools.islice(iter(loader), limit))
+    count = torch.tensor([len(items)], dtype=torch.int64, device=local_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    return items[:int(count.item())]
 
 
 def eval_keep_indices(run, geom, index: torch.Tensor) -> torch.Tensor:
@@ -36,6 +44,8 @@ def eval_keep_indices(run, geom, index: torch.Tensor) -> torch.Tensor:
 
 
 def validation(run, model, geom, logger, step: int) -> dict:
+    if not run.data.val_shards:  # own shards, one of them: nothing held out (data_sources.py)
+        return {}
     for chunk in model:
         chunk.eval()
     items = _eval_batches(run, run.data.val_shards, run.train.eval_batches)

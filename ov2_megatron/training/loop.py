@@ -1,9 +1,11 @@
 """The training loop: set-up in a fixed, commented order, then steps, checkpoints, evaluation.
 
 Order of set-up (each step needs the previous one):
- 1. validate the whole run config (before any process group or allocation);
+ 1. choose the data sources (own shards switch the synthetic set off, data_sources.py) and
+    validate the whole run config; own shards and their tokenizer are opened here too
+    (before any process group or allocation);
  2. process groups (NCCL, or gloo + the CPU backend) and RNG seeds;
- 3. the synthetic dataset on first use, then the shard list (missing shards fail here);
+ 3. the synthetic dataset on first use and its checks (rank 0 builds it, the rest wait);
  4. this rank's model chunks -> GPU -> megatron DDP (grad buffers) -> distributed optimizer;
  5. state: resume from the run's latest checkpoint, else stage-2 init from stage 1;
  6. the data loader, positioned where the checkpoint left it.
@@ -27,10 +29,10 @@ from ov2_megatron.models import specs
 from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
-from ov2_megatron.training import checkpoint, evaluate, stage_transfer
+from ov2_megatron.training import checkpoint, data_sources, evaluate, stage_transfer
 from ov2_megatron.training.metrics import MetricsLogger
 from ov2_megatron.training.optimizer import build_optimizer
-from ov2_megatron.training.run_config import RunConfig, effective_warmup, validate_run
+from ov2_megatron.training.run_config import RunConfig, validate_run, warmup_rule
 from ov2_megatron.training.step import BatchStream, run_schedule
 
 
@@ -57,11 +59,20 @@ class StopRequested:
 def setup(run: RunConfig):
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    geom = validate_run(run, world, capability)  # 1
+    notes = data_sources.choose_sources(run)  # 1
+    validate_run(run, world, capability)
     p = run.parallel
+    layout = ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline)
+    dp_size = layout.data_parallel_size(world)
+    if not run.synthetic:  # the files exist already: fail before any process group
+        notes += data_sources.check_data(run, dp_size)
     impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
-    initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=run.train.seed)  # 2
-    prepare_data(run)  # 3
+    initialize(layout, seed=run.train.seed)  # 2
+    if run.synthetic:
+        notes += prepare_data(run, dp_size)  # 3
+    geom = validate_run(run, world, capability)  # again: the vocabulary follows the tokenizer
+    if dist.get_rank() == 0:
+        print("\n".join(notes), flush=True)
     return (geom, impl, *build_model_and_optimizer(run, geom, impl))  # 4
 
 
@@ -90,7 +101,9 @@ def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str 
     return model, optimizer, scheduler
 
 
-def prepare_data(run: RunConfig) -> None:
+def prepare_data(run: RunConfig, dp_size: int | None = None) -> list[str]:
+    """Build the synthetic set on first use (rank 0; the others wait), fill the data paths it
+    provides, then check the data (data_sources.check_data). Needs the process groups."""
     if run.synthetic:
         from ov2_megatron.data.synthetic import ensure_synthetic_dataset
 
@@ -102,26 +115,9 @@ def prepare_data(run: RunConfig) -> None:
         run.data.train_shards = run.data.train_shards or data.train_dir
         run.data.val_shards = run.data.val_shards or data.val_dir
         run.data.tokenizer_model = run.data.tokenizer_model or data.tokenizer_model
-    run.data.validate()
-    run.data.resolve_shards()  # a missing or unreadable shard is an error before compute
-    check_tokenizer_fits(run)
-
-
-def check_tokenizer_fits(run: RunConfig) -> None:
-    """Every id the tokenizer can emit must index the model's vocabulary. Checked here, on the
-    host, before compute: on a GPU an id past the embedding is a device-side assert."""
-    from ov2_megatron.data.tokenizer import CaptionTokenizer
-
-    tokenizer = CaptionTokenizer.from_file(run.data.tokenizer_model)
-    vocab = run.model.decoder.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise ValueError(f"tokenizer {run.data.tokenizer_model} has {tokenizer.vocab_size} "
-                         f"pieces but model.decoder.vocab_size is {vocab}: set "
-                         f"model.decoder.vocab_size={tokenizer.vocab_size} (or more)")
-    if tokenizer.pad_id != run.model.decoder.pad_id:
-        raise ValueError(f"tokenizer {run.data.tokenizer_model} pads with id {tokenizer.pad_id} "
-                         f"but model.decoder.pad_id is {run.model.decoder.pad_id}: the loss "
-                         "mask would supervise padding; make them equal")
+    if dp_size is None:
+        dp_size = dist.get_world_size() // (run.parallel.tensor * run.parallel.pipeline)
+    return data_sources.check_data(run, dp_size)
 
 
 def train(run: RunConfig) -> dict:
@@ -142,6 +138,10 @@ def train(run: RunConfig) -> dict:
 
     dp_rank, dp_size = checkpoint.data_parallel_info()
     micro_batches = t.global_batch // (t.micro_batch * dp_size)
+    if data_state is not None and not t.resume_data_stream:
+        data_state = None
+        if rank0:
+            print("train.resume_data_stream=false: the data stream starts fresh", flush=True)
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
                                 batch_size=t.micro_batch, resume_state=data_state)  # 6
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
@@ -157,7 +157,7 @@ def train(run: RunConfig) -> dict:
     if rank0:
         print(f"{run.name} stage {run.stage}: {impl} layers, layout TP{p.tensor} PP{p.pipeline}"
               f" DP{dp_size}, {micro_batches} micro-batches/step, steps {start_step}->{t.steps}, "
-              f"device {device_name}, warmup {effective_warmup(t)} steps", flush=True)
+              f"device {device_name}, {warmup_rule(t)}", flush=True)
     while step < t.steps:
         batches, data_wait = stream.step_batches(step)
         started = time.perf_counter()
@@ -182,7 +182,7 @@ def train(run: RunConfig) -> dict:
                 images_per_s=t.global_batch / elapsed, tokens_per_s=float(totals[1]) / elapsed,
                 tflops_per_device=tflops, mfu=(tflops * 1e12 / peak) if peak else None,
                 data_wait_s=data_wait, memory_gb=_memory_gb(), skipped=skipped,
-                bad_samples=sum(loader.stats().values())))
+                bad_samples=loader.stats()))  # {reason: count}: metrics.py shows each
         preempted = stop.agreed()
         if step % t.save_interval == 0 or step == t.steps or preempted:
             checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())

@@ -24,9 +24,14 @@ class TrainConfig:
     """Peak learning rate (after warmup)."""
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 100
-    """Linear warmup steps from 0 to lr (a run shorter than this warms up over its first
-    tenth instead; the start-up line says so)."""
+    warmup_steps: int | None = 100
+    """Linear warmup steps from 0 to lr, absolute: the same whatever train.steps. Only a run
+    too short to hold it (steps <= warmup_steps, e.g. a smoke test) warms up over its first
+    tenth instead, and the start line and --dry-run say so. None: use warmup_fraction."""
+    warmup_fraction: float | None = None
+    """Warmup as a fraction of train.steps (e.g. 0.05), for a warmup that scales with the run;
+    only with warmup_steps=none (setting both is an error). The start line says which rule
+    gave the warmup."""
     weight_decay: float = 0.2
     """AdamW weight decay (not on norms, biases, CLS/register tokens, position embeddings)."""
     beta1: float = 0.9
@@ -40,6 +45,10 @@ class TrainConfig:
     """Activation recomputation: 'none', 'selective' (attention core) or 'full' (each layer)."""
     seed: int = 1234
     """Seeds init, token dropping and data order."""
+    resume_data_stream: bool = True
+    """On resume, continue the data stream exactly where the checkpoint left it. False starts
+    a fresh stream (samples already seen are seen again): for a checkpoint whose stream cannot
+    continue here (another data-parallel size, batch size, shard list or loader version)."""
     output_dir: str = "runs/default"
     """Run directory: config.json, metrics.jsonl, TensorBoard events, checkpoints/."""
     init_from: str = ""
@@ -60,7 +69,8 @@ class TrainConfig:
     num_generate: int = 4
     """Validation images captioned greedily at each evaluation."""
     linear_probe: bool = True
-    """Fit a linear probe on frozen features at the end (synthetic data: shape, colour)."""
+    """Fit a linear probe on frozen features at the end. It reads shape and colour labels that
+    only the synthetic set has, so it is switched off (said in the log) on your own shards."""
 
 
 @dataclass
@@ -73,7 +83,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: dict = field(default_factory=dict)
     """If set (tiny_cpu), the synthetic dataset to build on first use: ensure_synthetic_dataset
-    keyword arguments; data.train_shards/val_shards/tokenizer_model are filled from it."""
+    keyword arguments; data.val_shards/tokenizer_model are filled from it when empty. Ignored
+    (never built) once data.train_shards is given; `--set synthetic=none` switches it off."""
+    explicit: tuple[str, ...] = ()
+    """Keys given with --set (filled by apply_overrides, not settable itself). A value the run
+    derives from the data, model.decoder.vocab_size from the tokenizer, never replaces one."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
@@ -85,12 +99,15 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
         path, sep, raw = assignment.partition("=")
         if not sep:
             raise ValueError(f"--set {assignment!r}: expected key=value, e.g. train.steps=100")
+        if path == "explicit":
+            raise ValueError("--set explicit: this field records the --set keys; it is not set")
         target, names = run, path.split(".")
         for name in names[:-1]:
             if not dataclasses.is_dataclass(target) or not hasattr(target, name):
                 raise ValueError(f"--set {path}: unknown section {name!r}")
             target = getattr(target, name)
         _assign(target, names[-1], raw, path)
+        run.explicit = (*run.explicit, path)
     return run
 
 
@@ -122,8 +139,24 @@ def _parse(raw: str, hint):
     if hint in (int, float, str):
         return hint(raw)
     if origin is tuple:
-        return tuple(_parse(part, args[0]) for part in raw.split(","))
+        return _parse_tuple(raw, args)
+    if hint is dict or origin is dict:  # only `synthetic`: a dict cannot be spelt on a command line
+        if raw.strip().lower() not in ("none", "{}"):
+            raise ValueError("only 'none' (switch it off) can be set here")
+        return {}
     raise TypeError(f"cannot set a field of type {hint}")
+
+
+def _parse_tuple(raw: str, args: tuple) -> tuple:
+    """`0.5,1.0` or `(0.5, 1.0)` (the form --help-keys prints); a fixed-length tuple needs all
+    its values, so a bare `0.5` for a (low, high) range is refused, not half-read."""
+    parts = [part.strip() for part in raw.strip().strip("()[]").split(",") if part.strip()]
+    fixed = Ellipsis not in args
+    if fixed and len(parts) != len(args):
+        example = "0.5,1.0" if len(args) == 2 else ",".join(["0.5"] * len(args))
+        raise ValueError(f"expected {len(args)} comma-separated values, e.g. ({example}) or "
+                         f"{example}; got {len(parts)}")
+    return tuple(_parse(part, args[i] if fixed else args[0]) for i, part in enumerate(parts))
 
 
 def validate_run(run: RunConfig, world_size: int,
@@ -152,7 +185,7 @@ def validate_run(run: RunConfig, world_size: int,
          f"train.recompute {t.recompute!r}: use none, selective or full"),
         (t.precision == "bf16" or not run.model.fp8, "model.fp8 needs train.precision=bf16"),
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr {t.lr} / min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
-        (t.warmup_steps >= 0, f"train.warmup_steps {t.warmup_steps} must be >= 0"),
+        *_warmup_checks(t),
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
         (run.stage in (1, 2), f"stage {run.stage}: use 1 or 2"),
         (run.data.resolution == run.model.vision.image_size,
@@ -171,5 +204,38 @@ def validate_run(run: RunConfig, world_size: int,
     return validate_model(run.model, p, device_capability)
 
 
+def _warmup_checks(t: TrainConfig) -> list[tuple[bool, str]]:
+    both = t.warmup_steps is not None and t.warmup_fraction is not None
+    neither = t.warmup_steps is None and t.warmup_fraction is None
+    return [
+        (not both, f"train.warmup_steps {t.warmup_steps} and train.warmup_fraction "
+         f"{t.warmup_fraction} are both set: keep one (--set train.warmup_steps=none to use "
+         "the fraction, or train.warmup_fraction=none for the absolute steps)"),
+        (not neither, "train.warmup_steps and train.warmup_fraction are both none: set one"),
+        (t.warmup_steps is None or t.warmup_steps >= 0,
+         f"train.warmup_steps {t.warmup_steps} must be >= 0"),
+        (t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
+         f"train.warmup_fraction {t.warmup_fraction} must be in [0, 1)"),
+    ]
+
+
 def effective_warmup(train: TrainConfig) -> int:
+    """Warmup steps: train.warmup_steps as given; warmup_fraction x train.steps (floor); or,
+    for a run too short for its warmup_steps, a tenth of it (the LR schedule needs the warmup
+    to end before the last step). warmup_rule says which."""
+    if train.warmup_steps is None:
+        return int(train.warmup_fraction * train.steps)
     return train.warmup_steps if train.warmup_steps < train.steps else train.steps // 10
+
+
+def warmup_rule(train: TrainConfig) -> str:
+    """The warmup and the rule that gave it, for the start line and --dry-run."""
+    steps = effective_warmup(train)
+    if train.warmup_steps is None:
+        return (f"warmup {steps} steps (train.warmup_fraction {train.warmup_fraction} of "
+                f"{train.steps} steps)")
+    if train.warmup_steps < train.steps:
+        return f"warmup {steps} steps (train.warmup_steps)"
+    return (f"warmup {steps} steps: train.warmup_steps {train.warmup_steps} does not fit in "
+            f"train.steps {train.steps}, so a tenth of the run (lower train.warmup_steps, or set "
+            "it to none and use train.warmup_fraction)")

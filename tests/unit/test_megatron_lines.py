@@ -89,7 +89,7 @@ def test_sequence_parallel_with_the_local_spec_needs_apex_on_gpus():
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_compute(tmp_path):
     from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer
     from ov2_megatron.recipes import get_recipe
-    from ov2_megatron.training.loop import check_tokenizer_fits
+    from ov2_megatron.training.data_sources import check_tokenizer_fits
 
     words = [f"word{i}" for i in range(60)]
     path = train_tokenizer((" ".join(words[i:] + words[:i]) for i in range(200)),

@@ -50,6 +50,7 @@ def test_dry_run_prints_layout_and_parameters(capsys, monkeypatch):
     assert main(["--recipe", "vit_1b", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "layout: world 16 = TP 2 x PP 1 x DP 8" in out
+    assert "(world size from $WORLD_SIZE)" in out  # the fallback when no --world-size is given
     assert "parameters: encoder 1,010,839,168" in out  # g/14: padding adds no parameters
     assert "alignment: ViT sequence padded 37 -> 38 (a multiple of 2)" in out
     monkeypatch.setenv("WORLD_SIZE", "3")
