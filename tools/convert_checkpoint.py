@@ -3,6 +3,7 @@
     python tools/convert_checkpoint.py export-timm --checkpoint RUN_OR_CKPT_DIR --output DIR
     python tools/convert_checkpoint.py export-hf --checkpoint RUN_OR_CKPT_DIR --output DIR \
         [--hf-class vit]
+    python tools/convert_checkpoint.py export-decoder --checkpoint RUN_OR_CKPT_DIR --output DIR
     python tools/convert_checkpoint.py import-openclip --input DIR --output RUN_DIR --tp N --pp M
     python tools/convert_checkpoint.py consolidate --checkpoint RUN_OR_CKPT_DIR --output FILE.pt
     python tools/convert_checkpoint.py consolidate --input FILE.pt --output RUN_DIR --tp N --pp M
@@ -18,15 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
+
+from ov2_megatron.upstream_warnings import quiet_upstream_notices
 
 # Conversion is CPU work (one gloo rank per shard): never touch a GPU, even where one exists.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-# Upstream notices with nothing actionable for a conversion (module level: the spawned
-# writer ranks import this file too).
-for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
-                 ".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+quiet_upstream_notices()  # module level: spawned ranks import this file too
 
 
 def _read_tower(args):
@@ -37,7 +35,7 @@ def _read_tower(args):
     refuse_existing(args.output)  # before the (long) read
     step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
     standard, _ = megatron_checkpoint.read_standard(step_dir, run)
-    return step_dir, vision_tower.from_standard(standard, run, args.image_size)
+    return step_dir, vision_tower.from_standard(standard, run, args.image_size, args.resize)
 
 
 def _report(step_dir: str, tower, output: str, what: str) -> None:
@@ -60,6 +58,19 @@ def export_hf(args) -> None:
     hf_format.export(tower, args.output, args.hf_class)
     _report(step_dir, tower, args.output, hf_format.model_class(tower, args.hf_class))
     print(f"features: {hf_format.feature_note(tower, args.hf_class)}")
+
+
+def export_decoder(args) -> None:
+    from ov2_megatron.conversion import caption_decoder_export, megatron_checkpoint
+    from ov2_megatron.conversion.atomic_output import refuse_existing
+
+    refuse_existing(args.output)  # before the (long) read
+    step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
+    standard, geom = megatron_checkpoint.read_standard(step_dir, run)
+    spec = caption_decoder_export.export(standard, run, geom, args.output)
+    print(f"{step_dir} -> {args.output} (caption decoder: {spec.depth} blocks of width "
+          f"{spec.width}, vocabulary {spec.vocab_size}, reads {spec.encoder_width}-wide patch "
+          f"tokens; tools/caption.py --decoder {args.output})")
 
 
 def import_openclip(args) -> None:
@@ -144,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--image-size", type=int,
                          help="resolution to export the position table for (default: the "
                               "checkpoint's vision.image_size)")
+        sub.add_argument("--resize", choices=("squash", "shortest"), default="squash",
+                         help="evaluation resize the image-processor config declares: squash "
+                              "(default, as the released OpenVision checkpoints) or shortest "
+                              "(shorter side + centre crop); ov2_megatron/data/preprocess.py")
         if name == "export-hf":
             sub.add_argument(
                 "--hf-class", choices=("timm_wrapper", "vit"), default="timm_wrapper",
@@ -153,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "LayerNorm'd per token and pooler_output is LN(CLS): take "
                      "hidden_states[-1] there (see ov2_megatron/conversion/hf_format.py)")
         sub.set_defaults(func=func)
+    sub = commands.add_parser(
+        "export-decoder", help="distributed checkpoint -> the caption decoder on its own",
+        description="The caption decoder of a distributed checkpoint (any TP/PP) -> "
+                    "decoder_config.json + decoder.safetensors in OUTPUT, loaded by "
+                    "ov2_megatron.conversion.caption_decoder_export.load (tools/caption.py "
+                    "--decoder).")
+    sub.add_argument("--checkpoint", required=True,
+                     help="run dir, its checkpoints/ dir, or a step dir")
+    sub.add_argument("--output", required=True, help="new directory to write")
+    sub.add_argument("--config", help="run config.json (default: the run dir's)")
+    sub.set_defaults(func=export_decoder)
     sub = commands.add_parser(
         "import-openclip", help="OpenCLIP ViT weights -> distributed checkpoint",
         description="open_clip_config.json + open_clip_pytorch_model.bin in INPUT -> a run dir "

@@ -5,7 +5,9 @@
     python tools/extract_features.py --checkpoint DIR --pixels x.npy --output feats.npy
 
 --pixels takes already-normalised float32 [N, 3, H, W] arrays (H, W any multiple of the patch)
-and bypasses preprocessing, so exported models can be compared exactly. Features are those of
+and bypasses preprocessing, so exported models can be compared exactly. Images and shards go
+through the one evaluation transform (ov2_megatron/data/preprocess.py, --resize), which the
+exports' image-processor configs declare too. Features are those of
 the model's encode(), as the official ViT returns them: patch tokens [N, patches, width], the
 raw output of the last block without CLS and registers (no LayerNorm; what the caption decoder
 was trained on; --features patch, the default), or the pooled feature [N, width] = LayerNorm
@@ -18,14 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
-# Upstream notices with nothing actionable here.
-for _pattern in (".*(Transformer Engine|Apex).*not installed.*", ".*full scope is deprecated.*",
-                 ".*`load_state_dict` is deprecated.*", ".*Please use DTensor instead.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+
+from ov2_megatron.upstream_warnings import quiet_upstream_notices
+quiet_upstream_notices()  # module level: spawned ranks import this file too
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ov2_megatron.data.preprocess import RESIZE_MODES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int,
                         help="preprocessing resolution (default: the model's vision.image_size)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="squash",
+                        help="squash (default: bilinear to the square size, what the released "
+                             "OpenVision checkpoints declare) or shortest (shorter side, then "
+                             "the centre crop: the official big_vision evaluation)")
     parser.add_argument("--config", help="run config.json (default: the run dir's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ov2_megatron.conversion import ConversionError, feature_extraction, megatron_checkpoint
+    from ov2_megatron.data import preprocess
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -62,14 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
         chunk, _ = megatron_checkpoint.load_model(step_dir, run, device)
         chunk.float()
-        vision, data = run.model.vision, run.data
-        size = args.image_size or vision.image_size
+        transform = preprocess.from_run(run, args.image_size, args.resize)
         if args.pixels:
-            source = feature_extraction.pixel_source(args.pixels, vision.in_channels)
+            source = feature_extraction.pixel_source(args.pixels, run.model.vision.in_channels)
         elif args.images:
-            source = feature_extraction.image_source(args.images, size, data.mean, data.std)
+            source = feature_extraction.image_source(args.images, transform)
         else:
-            source = feature_extraction.shard_source(args.shards, size, data.mean, data.std)
+            source = feature_extraction.shard_source(args.shards, transform)
         shapes = feature_extraction.extract(chunk, source, args.output, args.features,
                                             args.batch_size, device,
                                             progress=not args.no_progress)

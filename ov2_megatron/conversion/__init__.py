@@ -8,7 +8,14 @@
                             Dinov2WithRegistersModel (--hf-class vit)
     openclip_format      OpenCLIP ViT (open_clip_config.json + open_clip_pytorch_model.bin) ->
     feature_extraction   images / shards / pixel arrays -> encode() features
-    atomic_output        outputs appear whole or not at all
+    caption_decoder_export  the caption decoder on its own (decoder_config.json +
+                         decoder.safetensors) as a plain PyTorch module
+    caption_search       greedy and beam-search captions from that module
+    atomic_output        outputs appear whole or not at all (and honour the umask)
+
+Images are preprocessed by the one evaluation transform, ov2_megatron/data/preprocess.py;
+each export's image-processor config (timm pretrained_cfg, HF preprocessor_config.json,
+OpenCLIP preprocess_cfg) is derived from it, so the libraries' own pipelines give its pixels.
 
 Every export reproduces encode()'s official features: the patch tokens, the raw output of the
 last block (no LayerNorm on them), and the pooled feature, LN(mean of the patch tokens) (the

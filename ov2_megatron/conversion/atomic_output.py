@@ -1,6 +1,10 @@
 """Outputs appear whole or not at all: written under a temporary name beside the target, then
 renamed into place (a rename within one directory is atomic), so an interrupted or failed
-conversion never leaves a file or directory that looks complete."""
+conversion never leaves a file or directory that looks complete.
+
+mkdtemp / mkstemp create 0700 / 0600 whatever the umask (they are meant for private scratch
+space); the staged outputs are chmod'ed to what a plain mkdir / open would give, 0777 / 0666
+masked by the umask, so exports are as readable as any other file the user writes."""
 
 from __future__ import annotations
 
@@ -10,6 +14,13 @@ import shutil
 import tempfile
 
 from ov2_megatron.conversion import ConversionError
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it: set and restore)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def refuse_existing(path: str) -> None:
@@ -25,6 +36,7 @@ def staged_directory(final: str):
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(final) + ".partial-", dir=parent)
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
         if os.path.isdir(final):
@@ -44,6 +56,7 @@ def staged_file(final: str):
     handle, staging = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".partial-",
                                        dir=os.path.dirname(final))
     os.close(handle)
+    os.chmod(staging, 0o666 & ~current_umask())
     try:
         yield staging
         os.replace(staging, final)

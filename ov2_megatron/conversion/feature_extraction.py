@@ -5,8 +5,9 @@
     --images DIR        every .jpg/.jpeg/.png/.webp/.bmp below DIR, sorted by path
     --shards GLOB       webdataset shards (data/shards.py): each sample's image
 
-Images are preprocessed like evaluation: shorter side resized to the model resolution
-(bicubic, PIL), centre crop, scaled to [0, 1], normalised with the run's data.mean/std.
+Images go through the one evaluation transform (data/preprocess.py: bilinear squash to the
+model resolution by default, as the released checkpoints declare, or shorter side + centre
+crop with --resize shortest), the transform the exports' image-processor configs declare.
 Features are encode()'s, as the official ViT returns them: patch tokens [N, patches, w], the
 raw output of the last block with CLS and registers dropped (no LayerNorm: what the caption
 decoder was trained on), and pooled [N, w] = LN(mean of the patch tokens).
@@ -29,6 +30,7 @@ import torch
 
 from ov2_megatron.conversion import ConversionError
 from ov2_megatron.conversion.atomic_output import staged_file
+from ov2_megatron.data.preprocess import EvalTransform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -53,21 +55,6 @@ class Progress:
         self.stream.flush()
 
 
-def preprocess(image, size: int, mean, std) -> np.ndarray:
-    """PIL image -> [3, size, size] float32, normalised."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    scale = size / min(image.size)
-    resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-    image = image.resize(resized, Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    pixels = (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
 class Source:
     """A sized stream of (key, [C, H, W] float32) samples."""
 
@@ -87,7 +74,7 @@ def pixel_source(path: str, in_channels: int) -> Source:
     return Source(len(pixels), ((None, np.asarray(p)) for p in pixels), has_keys=False)
 
 
-def image_source(directory: str, size: int, mean, std) -> Source:
+def image_source(directory: str, transform: EvalTransform) -> Source:
     from PIL import Image
 
     if not os.path.isdir(directory):
@@ -101,7 +88,7 @@ def image_source(directory: str, size: int, mean, std) -> Source:
         for path in paths:
             try:
                 with Image.open(path) as image:
-                    pixels = preprocess(image, size, mean, std)
+                    pixels = transform(image)
             except OSError as error:
                 raise ConversionError(f"{path}: cannot decode the image ({error})") from None
             yield os.path.relpath(path, directory), pixels
@@ -109,7 +96,7 @@ def image_source(directory: str, size: int, mean, std) -> Source:
     return Source(len(paths), items(), has_keys=True)
 
 
-def shard_source(spec: str, size: int, mean, std) -> Source:
+def shard_source(spec: str, transform: EvalTransform) -> Source:
     from PIL import Image
 
     from ov2_megatron.data.config import resolve_shard_spec
@@ -126,7 +113,7 @@ def shard_source(spec: str, size: int, mean, std) -> Source:
             for sample in iter_shard(shard):
                 try:
                     with Image.open(io.BytesIO(sample.jpeg)) as image:
-                        pixels = preprocess(image, size, mean, std)
+                        pixels = transform(image)
                 except OSError as error:
                     raise ConversionError(f"{shard}: sample {sample.key}: cannot decode the "
                                           f"image ({error})") from None

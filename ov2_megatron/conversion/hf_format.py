@@ -14,8 +14,9 @@ P = model.timm_model.num_prefix_tokens (CLS + registers):
     hidden_states[i]           (output_hidden_states=True) the output of block i+1 as a
                                [b, w, g, g] map without prefix tokens (timm's
                                forward_intermediates); hidden_states[-1] is the patch tokens
-AutoImageProcessor gives TimmWrapperImageProcessor, configured from pretrained_cfg (the
-run's data.mean/std); no preprocessor_config.json is needed. Requires timm beside transformers.
+AutoImageProcessor gives TimmWrapperImageProcessor, which runs timm's own transform from
+pretrained_cfg (the one evaluation transform, timm_format.data_config); no
+preprocessor_config.json is needed. Requires timm beside transformers.
 
 vit (native classes; two outputs are NOT the official features). `ViTModel` without registers,
 `Dinov2WithRegistersModel` with them: pre-LN blocks, exact GELU, configurable eps, CLS
@@ -36,8 +37,8 @@ written there, so:
   its `mlp_ratio` as int, so register models need width | MLP width. Both always have a CLS
   token: models without one are refused. Tensor names are the classic ones of every ViT /
   DINOv2 checkpoint on the Hub (`encoder.layer.N.attention.attention.query...`), which 5.x
-  renames on load. The preprocessor is ViTImageProcessor (resize to the export resolution,
-  the run's data.mean/std).
+  renames on load. preprocessor_config.json applies the one evaluation transform
+  (data/preprocess.py; `preprocessor_config` below).
 
 Ruled out: `CLIPVisionModel` always applies `pre_layrnorm` before the blocks;
 `SiglipVisionModel` has no CLS token.
@@ -53,6 +54,7 @@ import torch
 from ov2_megatron.conversion import ConversionError, timm_format
 from ov2_megatron.conversion.atomic_output import staged_directory
 from ov2_megatron.conversion.vision_tower import VisionTower, split_qkv
+from ov2_megatron.data.preprocess import EvalTransform
 
 HF_CLASSES = ("timm_wrapper", "vit")
 
@@ -155,12 +157,30 @@ def native_config(tower: VisionTower) -> dict:
                 num_register_tokens=tower.num_registers)
 
 
-def preprocessor_config(tower: VisionTower) -> dict:
-    """Resize to the square export resolution and normalise as in training."""
+def preprocessor_config(transform: EvalTransform) -> dict:
+    """preprocessor_config.json for the native classes: ViTImageProcessor resizing to (S, S),
+    which is `transform` (data/preprocess.py) for the default 'squash'; resample 2 is PIL
+    bilinear, 3 bicubic. transformers 5's PIL backend (AutoImageProcessor.from_pretrained(DIR,
+    backend="pil"); transformers 4's default) gives our pixels exactly; its default
+    torchvision backend resizes slightly differently, up to one uint8 step per pixel
+    (features then differ by ~5e-3 on the test photo: tests/conversion/
+    test_preprocess_parity.py). The default timm_wrapper export has no such caveat.
+
+    'shortest' is refused: transformers' centre crop starts at floor((side - S) / 2), the
+    torchvision crop that timm and open_clip run (and we follow) at round(), so on an odd
+    margin every HF processor is one pixel off; the timm_wrapper export runs timm's own."""
+    if transform.resize != "squash":
+        raise ConversionError(
+            f"--resize {transform.resize} with --hf-class vit: transformers' image processors "
+            "crop at floor((side - S) / 2), not at round() as torchvision, timm and open_clip "
+            "(and tools/extract_features.py) do, so they cannot reproduce it; use the default "
+            "--hf-class timm_wrapper, whose processor is timm's transform")
+    resample = {"bilinear": 2, "bicubic": 3}[transform.interpolation]
     return dict(image_processor_type="ViTImageProcessor", do_resize=True,
-                size=dict(height=tower.image_size, width=tower.image_size), resample=3,
+                size=dict(height=transform.size, width=transform.size), resample=resample,
                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                image_mean=list(tower.mean), image_std=list(tower.std))
+                image_mean=list(transform.mean), image_std=list(transform.std),
+                do_convert_rgb=True)
 
 
 def export(tower: VisionTower, output: str, hf_class: str = "timm_wrapper") -> str:
@@ -172,7 +192,7 @@ def export(tower: VisionTower, output: str, hf_class: str = "timm_wrapper") -> s
         weights = timm_format.state_dict(tower)
     else:
         files = {"config.json": native_config(tower),
-                 "preprocessor_config.json": preprocessor_config(tower)}
+                 "preprocessor_config.json": preprocessor_config(tower.transform)}
         weights = native_state_dict(tower)
     with staged_directory(output) as staging:
         save_file(weights, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})

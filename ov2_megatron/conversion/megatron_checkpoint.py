@@ -206,14 +206,21 @@ def load_model(step_dir: str, run: RunConfig, device: str = "cpu"):
 def read_standard(step_dir: str,
                   run: RunConfig) -> tuple[dict[str, torch.Tensor], SequenceGeometry]:
     """The checkpoint as a standard state dict (fp32, full tensors, vocabulary unpadded)."""
+    chunk, geom = load_model(step_dir, run)
+    return standard_of(chunk, run, geom, step_dir), geom
+
+
+def standard_of(chunk, run: RunConfig, geom: SequenceGeometry,
+                source: str) -> dict[str, torch.Tensor]:
+    """A loaded unsharded chunk (load_model) -> its standard state dict, checked."""
     from ov2_megatron.models.state_dict_adapter import to_standard
 
-    chunk, geom = load_model(step_dir, run)
-    full = {name: param.detach().float().clone() for name, param in chunk.named_parameters()}
+    full = {name: param.detach().float().cpu().clone()
+            for name, param in chunk.named_parameters()}
     standard = to_standard(full, chunk.plan, run.model.vision.shape()[0].num_heads,
                            run.model.decoder.shape().num_heads, run.model.decoder.vocab_size)
-    check_standard(standard, standard_shapes(run.model, geom), step_dir)
-    return standard, geom
+    check_standard(standard, standard_shapes(run.model, geom), source)
+    return standard
 
 
 def _check_metadata(step_dir: str, expected: dict) -> None:

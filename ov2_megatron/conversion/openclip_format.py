@@ -43,6 +43,7 @@ import torch
 
 from ov2_megatron.config import ParallelConfig
 from ov2_megatron.conversion import ConversionError
+from ov2_megatron.data.preprocess import EvalTransform
 from ov2_megatron.models.vision_encoder import sincos_table
 from ov2_megatron.training.run_config import RunConfig
 from ov2_megatron.variants import PATCH_SIZES, VIT_SHAPES
@@ -86,8 +87,30 @@ def read(input_dir: str) -> OpenClipVision:
     preprocess = config.get("preprocess_cfg", {})
     vision.mean = tuple(preprocess["mean"]) if "mean" in preprocess else None
     vision.std = tuple(preprocess["std"]) if "std" in preprocess else None
-    vision.notes = notes + vision.notes
+    vision.notes = notes + vision.notes + _preprocess_notes(preprocess)
     return vision
+
+
+def preprocess_cfg(transform: EvalTransform) -> dict:
+    """The `preprocess_cfg` of open_clip_config.json (open_clip.transform.PreprocessCfg's
+    fields) that makes open_clip's own eval transform apply `transform` (data/preprocess.py):
+    its 'squash' is Resize((S, S)), its 'shortest' Resize(S) + CenterCrop(S), on PIL images."""
+    return dict(size=transform.size, mode="RGB", mean=list(transform.mean),
+                std=list(transform.std), interpolation=transform.interpolation,
+                resize_mode=transform.resize, fill_color=0)
+
+
+def _preprocess_notes(preprocess: dict) -> list[str]:
+    """The evaluation resize a release declares, when it is not our default."""
+    default = EvalTransform(1, (0.0,) * 3, (1.0,) * 3)
+    resize = preprocess.get("resize_mode", "shortest")  # open_clip's default
+    interpolation = preprocess.get("interpolation", "bicubic")
+    if (resize, interpolation) == (default.resize, default.interpolation):
+        return []
+    return [f"preprocess_cfg declares resize_mode {resize!r}, interpolation "
+            f"{interpolation!r}; features as its users see them need that transform "
+            f"(tools/extract_features.py --resize {resize}; our default is "
+            f"{default.interpolation} {default.resize})"]
 
 
 def _read_visual_weights(input_dir: str) -> tuple[dict[str, torch.Tensor], list[str]]:

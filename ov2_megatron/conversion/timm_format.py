@@ -23,6 +23,8 @@ How our encoder maps onto VisionTransformer's arguments:
 - timm's patch conv always has a bias here (`bias = not pre_norm`): written as zeros;
 - Attention (qkv rows [q; k; v], biases), Mlp with nn.GELU (exact), LayerNorm eps 1e-6 are
   timm's defaults; another eps cannot be expressed in config.json and is refused.
+- pretrained_cfg's interpolation / crop_pct / crop_mode / mean / std come from the one
+  evaluation transform (data/preprocess.py, `data_config` below);
 - `num_classes` only at the top level of config.json (timm reads it there; in model_args it
   would clash with the num_classes=0 transformers' TimmWrapperModel passes itself).
 """
@@ -37,6 +39,7 @@ import torch
 from ov2_megatron.conversion import ConversionError
 from ov2_megatron.conversion.atomic_output import staged_directory
 from ov2_megatron.conversion.vision_tower import VisionTower, exact_mlp_ratio
+from ov2_megatron.data.preprocess import EvalTransform
 
 TIMM_LAYERNORM_EPS = 1e-6
 # Any registered ViT name builds a VisionTransformer; every argument is given explicitly.
@@ -76,11 +79,20 @@ def config(tower: VisionTower) -> dict:
     size = tower.image_size
     pretrained_cfg = dict(
         tag="ov2_megatron", custom_load=False, input_size=[tower.in_channels, size, size],
-        fixed_input_size=False, interpolation="bicubic", crop_pct=1.0, crop_mode="center",
-        mean=list(tower.mean), std=list(tower.std), num_classes=0, pool_size=None,
-        first_conv="patch_embed.proj", classifier="head")
+        fixed_input_size=False, **data_config(tower.transform), num_classes=0,
+        pool_size=None, first_conv="patch_embed.proj", classifier="head")
     return dict(architecture=ARCHITECTURE, num_classes=0, num_features=tower.width,
                 global_pool="avg", model_args=model_args, pretrained_cfg=pretrained_cfg)
+
+
+def data_config(transform: EvalTransform) -> dict:
+    """pretrained_cfg's preprocessing keys: timm's `resolve_data_config` + `create_transform`
+    (and transformers' TimmWrapperImageProcessor, which calls them) then apply `transform`.
+    crop_pct 1.0 makes the scale size floor(S / 1.0) = S: 'squash' resizes to (S, S) and its
+    crop is a no-op; 'center' resizes the shorter side to S and crops the centre."""
+    return dict(interpolation=transform.interpolation, crop_pct=1.0,
+                crop_mode="squash" if transform.resize == "squash" else "center",
+                mean=list(transform.mean), std=list(transform.std))
 
 
 def export(tower: VisionTower, output: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ov2_megatron.conversion import ConversionError
+from ov2_megatron.data.preprocess import EvalTransform
 from ov2_megatron.models.vision_encoder import interpolate_pos_embed, sincos_table
 from ov2_megatron.training.run_config import RunConfig
 
@@ -49,6 +50,14 @@ class VisionTower:
     pooled_norm_bias: torch.Tensor
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "squash"
+    """The evaluation resize the export's image-processor configs declare (data/preprocess.py)."""
+
+    @property
+    def transform(self) -> EvalTransform:
+        """The one evaluation transform, at the export resolution; every format's
+        preprocessing config is derived from it."""
+        return EvalTransform(self.image_size, self.mean, self.std, self.resize)
 
     @property
     def num_registers(self) -> int:
@@ -60,7 +69,7 @@ class VisionTower:
 
 
 def from_standard(standard: dict[str, torch.Tensor], run: RunConfig,
-                  image_size: int | None = None) -> VisionTower:
+                  image_size: int | None = None, resize: str = "squash") -> VisionTower:
     vision = run.model.vision
     vit, patch = vision.shape()
     size = image_size or vision.image_size
@@ -83,7 +92,7 @@ def from_standard(standard: dict[str, torch.Tensor], run: RunConfig,
                 for i in range(vit.depth)],
         pooled_norm_weight=standard["vision.norm.weight"],
         pooled_norm_bias=standard["vision.norm.bias"],
-        mean=tuple(run.data.mean), std=tuple(run.data.std))
+        mean=tuple(run.data.mean), std=tuple(run.data.std), resize=resize)
 
 
 def exact_mlp_ratio(width: int, mlp_dim: int) -> float:

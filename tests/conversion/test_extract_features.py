@@ -16,7 +16,7 @@ def _jpegs(count: int) -> list[bytes]:
     rng = np.random.default_rng(3)
     out = []
     for i in range(count):
-        size = (40 + 9 * i, 56 - 4 * i)  # not square, not the model size: resize + crop
+        size = (40 + 9 * i, 56 - 4 * i)  # not square, not the model size
         pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
@@ -25,7 +25,7 @@ def _jpegs(count: int) -> list[bytes]:
 
 
 def test_images_shards_and_pixels_agree(tp2_run, tmp_path):
-    from ov2_megatron.conversion.feature_extraction import preprocess
+    from ov2_megatron.data.preprocess import from_run
     from ov2_megatron.data.shards import Sample, ShardWriter
     from tests.conversion.checkpoints import tiny_run
 
@@ -38,8 +38,8 @@ def test_images_shards_and_pixels_agree(tp2_run, tmp_path):
         for i, data in enumerate(jpegs):
             writer.write(Sample(key=f"img{i}", jpeg=data, caption="a caption"))
     run = tiny_run("unused")
-    size, mean, std = run.model.vision.image_size, run.data.mean, run.data.std
-    pixels = np.stack([preprocess(Image.open(io.BytesIO(d)), size, mean, std) for d in jpegs])
+    size, transform = run.model.vision.image_size, from_run(run)
+    pixels = np.stack([transform(Image.open(io.BytesIO(d))) for d in jpegs])
     np.save(tmp_path / "pixels.npy", pixels)
     out = {name: str(tmp_path / name) for name in
            ("images.safetensors", "shards.safetensors", "patches_out.npy", "pooled_out.npy")}

@@ -6,7 +6,9 @@ third-party packages, or builds an OpenCLIP model and saves it in the released f
 
 LIBRARY is timm, hf (TimmWrapperModel) or hf-vit (ViTModel / Dinov2WithRegistersModel), which
 load the exported MODEL_DIR, or openclip-make (MODEL_DIR holds open_clip_config.json; the model
-is built, randomised and saved there as open_clip_pytorch_model.bin). Several jobs share one
+is built, randomised and saved there as open_clip_pytorch_model.bin), or timm-image, hf-image,
+hf-pil-image, openclip-image, where PIXELS is an image file that the library's own
+preprocessing turns into pixels (saved as pixels.npy too). Several jobs share one
 process (one torch import). Each job writes, in OUT_DIR, the official features as that library
 exposes them, patch_tokens.npy [N, patches, w] (raw output of the last block) and pooled.npy
 [N, w], penultimate.npy [N, patches, w] (the block before the last, what LLaVA's default
@@ -160,6 +162,58 @@ def openclip_make(model_dir: str, pixels: torch.Tensor, seed: int, sincos: bool)
                 penultimate=penultimate["image_intermediates"][0]), info
 
 
+def _open_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _hf_features(model_dir: str, pixels: torch.Tensor):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        timm_wrapper = json.load(f).get("model_type") == "timm_wrapper"
+    return (hf_timm_wrapper_features if timm_wrapper else hf_native_features)(model_dir, pixels)
+
+
+def image_features(library: str, model_dir: str, image_path: str):
+    """LIBRARY-image jobs: the image file preprocessed by the library's OWN pipeline, then its
+    model: timm (resolve_data_config + create_transform), hf / hf-pil (AutoImageProcessor of
+    the folder, default or PIL backend), openclip (open_clip's eval transform built from the
+    preprocess_cfg in MODEL_DIR/open_clip_preprocess.json; features by the timm model there)."""
+    image = _open_image(image_path)
+    if library == "timm-image":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+        data_config = resolve_data_config({}, model=model)
+        pixels = create_transform(**data_config)(image).unsqueeze(0)
+        arrays, info = timm_features(model_dir, pixels)
+        info["data_config"] = {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in data_config.items()}
+    elif library in ("hf-image", "hf-pil-image"):
+        from transformers import AutoImageProcessor
+
+        backend = "pil" if library == "hf-pil-image" else None
+        processor = AutoImageProcessor.from_pretrained(model_dir, backend=backend)
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        arrays, info = _hf_features(model_dir, pixels)
+        info["processor"] = type(processor).__name__
+    elif library == "openclip-image":
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        with open(os.path.join(model_dir, "open_clip_preprocess.json")) as f:
+            cfg = json.load(f)
+        pixels = image_transform_v2(PreprocessCfg(**cfg), is_train=False)(image).unsqueeze(0)
+        arrays, info = timm_features(model_dir, pixels)
+        info["open_clip"] = open_clip.__version__
+    else:
+        raise SystemExit(f"unknown library {library!r}")
+    arrays["pixels"] = pixels
+    return arrays, info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", nargs=4, action="append", required=True,
@@ -171,10 +225,13 @@ def main() -> None:
     torch.set_num_threads(1)
     readers = {"timm": timm_features, "hf": hf_timm_wrapper_features, "hf-vit": hf_native_features}
     for library, model_dir, pixels_path, out_dir in args.job:
-        pixels = torch.from_numpy(np.load(pixels_path))
-        if library in readers:
+        if library.endswith("-image"):
+            arrays, info = image_features(library, model_dir, pixels_path)
+        elif library in readers:
+            pixels = torch.from_numpy(np.load(pixels_path))
             arrays, info = readers[library](model_dir, pixels)
         elif library == "openclip-make":
+            pixels = torch.from_numpy(np.load(pixels_path))
             arrays, info = openclip_make(model_dir, pixels, args.seed, args.big_vision_sincos)
         else:
             raise SystemExit(f"unknown library {library!r}: use {', '.join(readers)} or "
