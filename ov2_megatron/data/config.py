@@ -88,6 +88,11 @@ class DataConfig:
     flip: bool = False
     """Random horizontal flip. Off by default: captions say "left" and "right"."""
 
+    eval_resize: str = "squash"
+    """Evaluation images: "squash" (bilinear resize of the whole image to the square input, as
+    the released OpenVision checkpoints declare and every export's image-processor config
+    says: data/preprocess.py) or "shortest" (shorter side, then the official central crop)."""
+
     color_jitter: float = 0.4
     """SimCLR colour-jitter strength s: brightness, contrast and saturation change by up to
     0.8 s, hue by up to 0.2 s of the circle, in a random order (color_jitter.py). 0.4 is the
@@ -127,6 +132,11 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""
         from ov2_megatron.data.mixing import parse_sources
+        from ov2_megatron.data.preprocess import RESIZE_MODES
+
+        if self.eval_resize not in RESIZE_MODES:
+            raise ValueError(f"DataConfig.eval_resize={self.eval_resize!r}: use one of "
+                             f"{', '.join(RESIZE_MODES)}")
 
         try:
             sources = parse_sources(self.train_shards)

@@ -116,10 +116,14 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     if not training:
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB,
                                    **decoder_args)
-        images = fn.resize(images, resize_shorter=size, **resize_args)
+        if config.eval_resize == "squash":
+            images = fn.resize(images, resize_x=size, resize_y=size, **resize_args)
+            crop = {}
+        else:
+            images = fn.resize(images, resize_shorter=size, **resize_args)
+            crop = dict(crop=(size, size), crop_pos_x=_CENTRE, crop_pos_y=_CENTRE)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          crop=(size, size), crop_pos_x=_CENTRE,
-                                          crop_pos_y=_CENTRE, mean=mean, std=std)
+                                          mean=mean, std=std, **crop)
         return images, tokens, issues, bad_sources, fn.pad(captions, fill_value=0)
     images = fn.decoders.image_random_crop(
         jpegs, device=decoder_device, output_type=types.RGB,

@@ -76,7 +76,8 @@ def captions_of(loader, batch) -> list[int]:
 
 
 def test_eval_pixels_equal_pil_decode_and_center_crop(numbered_shards, tokenizer_model):
-    config = make_config(numbered_shards, tokenizer_model, resolution=H)  # jitter on: train only
+    config = make_config(numbered_shards, tokenizer_model, resolution=H,  # jitter: train only
+                         eval_resize="shortest")
     loader = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=8, training=False,
                                 device="cpu")
     batch = next(iter(loader))
@@ -98,7 +99,7 @@ def test_eval_centre_crop_floors_an_odd_margin(tmp_path, tokenizer_model):
     shard = write_raw_shard(str(tmp_path / "odd.tar"), [
         (f"{i:05d}", {"jpg": jpeg_bytes(i, (47, 40)), "txt": f"sample {i} good".encode()})
         for i in range(4)])
-    config = make_config(shard, tokenizer_model, resolution=40)
+    config = make_config(shard, tokenizer_model, resolution=40, eval_resize="shortest")
     batch = next(iter(ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=4,
                                          training=False, device="cpu")))
     for row, caption in enumerate(batch["captions"]):
@@ -109,7 +110,8 @@ def test_eval_centre_crop_floors_an_odd_margin(tmp_path, tokenizer_model):
 
 def test_eval_resize_and_train_full_crop_match_pil_resize(numbered_shards, tokenizer_model):
     size = 20
-    eval_config = make_config(numbered_shards, tokenizer_model, resolution=size)
+    eval_config = make_config(numbered_shards, tokenizer_model, resolution=size,
+                              eval_resize="shortest")
     batch = next(iter(ImageCaptionLoader(eval_config, dp_rank=0, dp_size=1, batch_size=4,
                                          training=False, device="cpu")))
     scaled_w = round(W * size / H)  # resize shorter side to 20 -> 24 x 20, then center crop
@@ -130,6 +132,26 @@ def test_eval_resize_and_train_full_crop_match_pil_resize(numbered_shards, token
         reference = normalized_pil(image.resize((size, size), Image.BILINEAR))
         diff = np.abs(batch["images"][row].numpy() - reference)
         assert diff.mean() < 0.005 and diff.max() < ONE_LEVEL
+
+
+def test_eval_squash_is_the_transform_every_export_declares(numbered_shards, tokenizer_model):
+    """By default evaluation squashes the whole image to the square input, as
+    data/preprocess.py's EvalTransform (which the timm / HF / OpenCLIP configs derive from)
+    does; DALI's and PIL's bilinear resamplers differ by less than one 8-bit level."""
+    from ov2_megatron.data.preprocess import EvalTransform
+
+    size = 20
+    config = make_config(numbered_shards, tokenizer_model, resolution=size)
+    assert config.eval_resize == "squash"
+    batch = next(iter(ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=4,
+                                         training=False, device="cpu")))
+    transform = EvalTransform(size, config.mean, config.std)
+    for row, caption in enumerate(batch["captions"]):
+        image = Image.open(io.BytesIO(jpeg_bytes(caption_tag(caption), (W, H)))).convert("RGB")
+        diff = np.abs(batch["images"][row].numpy() - transform(image))
+        assert diff.mean() < 0.005 and diff.max() < ONE_LEVEL
+    with pytest.raises(ValueError, match="eval_resize='crop'"):
+        make_config(numbered_shards, tokenizer_model, eval_resize="crop").validate()
 
 
 def test_stream_is_a_function_of_the_seed(numbered_shards, tokenizer_model):
