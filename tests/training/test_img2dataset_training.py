@@ -1,0 +1,85 @@
+"""Training on shards as img2dataset writes them (issue #13): PNG, WebP, JPEG images with
+captions only in a JSON field, each format alone and all mixed, through the real training
+loop; and a shard set whose every sample is bad stops the run with an error naming the
+shards, in seconds."""
+
+import contextlib
+import io
+import json
+import os
+import time
+
+import pytest
+
+from tests.data.shard_factory import image_bytes, synthetic_dataset, write_img2dataset_shard
+from tests.harness import DistributedFailure, run_distributed
+
+WORDS = ("red", "blue", "green", "circle", "square", "small", "large", "on", "a", "the")
+
+
+def write_shards(root: str, formats: tuple[str, ...], with_caption: bool = True) -> str:
+    """Two shards per format of 8 samples each: KEY.{jpg|png|webp} + KEY.json (+ no .txt)."""
+    os.makedirs(root)
+    extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+    for f, fmt in enumerate(formats):
+        for s in range(2):
+            samples = []
+            for i in range(8):
+                seed = 100 * f + 10 * s + i
+                meta = {"url": f"http://x/{seed}", "width": 48, "height": 40}
+                if with_caption:
+                    meta["re_caption"] = " ".join(WORDS[(seed + k) % len(WORDS)] for k in range(6))
+                samples.append((f"{seed:09d}", {extension[fmt]: image_bytes(seed, fmt),
+                                                "json": json.dumps(meta).encode()}))
+            write_img2dataset_shard(os.path.join(root, f"{fmt.lower()}-{s:05d}.tar"), samples)
+    return root
+
+
+def train(shards: str, tokenizer: str, output_dir: str):
+    from ov2_megatron.recipes import get_recipe
+    from ov2_megatron.training import loop
+    from ov2_megatron.training.run_config import apply_overrides
+
+    run = apply_overrides(get_recipe("tiny_cpu"), [
+        f"data.train_shards={shards}", "data.caption_key=re_caption",
+        f"data.tokenizer_model={tokenizer}", "model.vision.image_size=32", "data.resolution=32",
+        f"train.output_dir={output_dir}", "train.steps=2", "train.warmup_steps=1",
+        "train.global_batch=4", "train.micro_batch=2", "train.eval_batches=1",
+        "train.num_generate=0", "data.num_threads=1", "data.bad_sample_window=64"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = loop.train(run)
+    return summary, out.getvalue()
+
+
+def train_on_each(cases: dict, tokenizer: str, root: str) -> dict:
+    return {name: train(shards, tokenizer, os.path.join(root, name))
+            for name, shards in cases.items()}
+
+
+def test_trains_on_png_webp_json_captions_and_mixed(tmp_path):
+    tokenizer = synthetic_dataset().tokenizer_model
+    cases = {name: write_shards(str(tmp_path / name), formats) for name, formats in (
+        ("png", ("PNG",)), ("webp", ("WEBP",)), ("mixed", ("JPEG", "PNG", "WEBP")))}
+    results = run_distributed(train_on_each, 1, args=(cases, tokenizer, str(tmp_path / "runs")),
+                              timeout=400)[0]
+    for name, (summary, log) in results.items():
+        assert summary["step"] == 2 and 0 < summary["val_loss"] < 20, (name, summary)
+        with open(tmp_path / "runs" / name / "metrics.jsonl") as f:
+            steps = [json.loads(line) for line in f if '"loss"' in line]
+        assert [r["step"] for r in steps] == [1, 2], (name, steps)
+        for record in steps:
+            assert 0 < record["loss"] < 20, (name, record)
+            assert not record.get("bad_samples"), (name, record)  # every sample was read
+
+
+def test_a_fully_bad_shard_set_stops_with_the_shards_named_in_seconds(tmp_path):
+    tokenizer = synthetic_dataset().tokenizer_model
+    shards = write_shards(str(tmp_path / "no-captions"), ("JPEG",), with_caption=False)
+    started = time.monotonic()
+    with pytest.raises(DistributedFailure) as failure:
+        run_distributed(train, 1, args=(shards, tokenizer, str(tmp_path / "run")), timeout=120)
+    assert time.monotonic() - started < 30
+    message = str(failure.value)
+    assert "BadDataError" in message and "jpeg-0000" in message, message
+    assert "caption_field_missing" in message or "no_caption" in message, message
