@@ -37,15 +37,21 @@ from ov2_megatron.training.step import BatchStream, run_schedule
 
 
 class StopRequested:
-    """SIGTERM / SIGUSR1 (Slurm preemption or time limit) -> checkpoint at the next step end."""
+    """SIGTERM / SIGUSR1 (Slurm preemption or time limit) and a first Ctrl-C (SIGINT) ->
+    checkpoint at the next step end. A KeyboardInterrupt raised inside DALI's iteration can
+    deadlock it, so the first SIGINT only sets the flag; a second one interrupts at once."""
 
     def __init__(self):
         self.signal = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # background jobs ignore it
+            signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (a signal may reach only some)."""
