@@ -12,6 +12,7 @@ weights compute the same loss at every TP/SP/FP8 layout and checkpoints move bet
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ov2_megatron.variants import TransformerShape, decoder_shape, vit_shape
@@ -204,6 +205,14 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
     `device_capability` is the GPU's (None: no GPU); `cuda_version` the CUDA that PyTorch is
     built with, read from torch when None (what TE compares against)."""
     vision, decoder = model.vision, model.decoder
+    validate_parallel(parallel)  # first: the checks below divide by these sizes
+    check_minimums("model.vision", vision, VISION_MINIMUMS)  # before shape(): 0 would fall
+    check_minimums("model.decoder", decoder, DECODER_MINIMUMS)  # back to the variant's value
+    _check(model.layernorm_eps > 0, f"model.layernorm_eps {model.layernorm_eps} must be > 0 "
+           "(it keeps LayerNorm's division finite; reference 1e-6)")
+    _check(model.init_std > 0, f"model.init_std {model.init_std} must be > 0 (reference 0.02)")
+    _check(decoder.loss_weight > 0, f"model.decoder.loss_weight {decoder.loss_weight} must be "
+           "> 0 (reference 2.0): at 0 the caption loss, the only loss, trains nothing")
     vit, patch = vision.shape()
     dec = decoder.shape()
     tp = parallel.tensor
@@ -239,9 +248,6 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
     _check(decoder.vocab_pad_multiple % tp == 0,
            f"decoder.vocab_pad_multiple {decoder.vocab_pad_multiple} is not divisible by "
            f"tensor-parallel size {tp}: use a multiple of {tp}")
-    _check(parallel.pipeline >= 1 and tp >= 1, "parallel sizes must be >= 1")
-    _check(parallel.virtual_pipeline is None or parallel.pipeline > 1,
-           "parallel.virtual_pipeline needs parallel.pipeline > 1")
     _check(not parallel.sequence_parallel or tp > 1,
            "parallel.sequence_parallel needs tensor parallelism (parallel.tensor > 1)")
     _check(model.transformer_impl in ("auto", "local", "transformer_engine"),
@@ -249,6 +255,55 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
     if model.fp8:
         _validate_fp8(model, vit, dec, tp, device_capability, cuda_version)
     return geometry(model, parallel)
+
+
+# Integer fields and their smallest legal value (None, where the field allows it, keeps the
+# variant's value), with what the field counts, for the message.
+VISION_MINIMUMS = {
+    "image_size": (1, "input side in pixels, a multiple of the patch size"),
+    "width": (1, "override of the variant's width; none keeps the variant's"),
+    "depth": (1, "override of the variant's layer count; none keeps the variant's"),
+    "mlp_dim": (1, "override of the variant's MLP width; none keeps the variant's"),
+    "num_heads": (1, "override of the variant's head count; none keeps the variant's"),
+    "patch_size": (1, "override of the variant's patch side; none keeps the variant's"),
+    "in_channels": (1, "image channels, 3 for RGB"),
+    "num_registers": (0, "learned register tokens, 0 in the official model"),
+}
+DECODER_MINIMUMS = {
+    "width": (1, "override of the variant's width; none keeps the variant's"),
+    "depth": (1, "override of the variant's layer count; none keeps the variant's"),
+    "mlp_dim": (1, "override of the variant's MLP width; none keeps the variant's"),
+    "num_heads": (1, "override of the variant's head count; none keeps the variant's"),
+    "vocab_size": (1, "tokenizer pieces; follows data.tokenizer_model"),
+    "vocab_pad_multiple": (1, "vocabulary padding multiple, 1024 keeps checkpoints portable"),
+    "caption_length": (4, "BOS, a piece, EOS and the trailing PAD slot; reference 128"),
+    "pad_id": (0, "the tokenizer's padding id"),
+}
+PARALLEL_MINIMUMS = {
+    "tensor": (1, "tensor-parallel size, 1 for none"),
+    "pipeline": (1, "pipeline-parallel size, 1 for none"),
+    "virtual_pipeline": (2, "model chunks per pipeline rank; none for plain 1F1B"),
+}
+
+
+def check_minimums(prefix: str, config, minimums: dict[str, tuple[int, str]]) -> None:
+    """Raise ValueError naming `prefix.field` when an integer field is below its minimum (or not
+    an integer); None passes where the field's type allows it (an optional override)."""
+    optional = {f.name for f in dataclasses.fields(config) if "None" in str(f.type)}
+    for name, (low, meaning) in minimums.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{prefix}.{name} {value!r} must be >= {low} (an integer: "
+                             f"{meaning}): --set {prefix}.{name}=N with N >= {low}")
+
+
+def validate_parallel(parallel: ParallelConfig) -> None:
+    """Sizes of the layout, before anything divides by them."""
+    check_minimums("parallel", parallel, PARALLEL_MINIMUMS)
+    _check(parallel.virtual_pipeline is None or parallel.pipeline > 1,
+           "parallel.virtual_pipeline needs parallel.pipeline > 1")
 
 
 def _validate_fp8(model, vit, dec, tp, device_capability, cuda_version) -> None:

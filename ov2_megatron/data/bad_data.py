@@ -30,6 +30,10 @@ _FIXES = {
                              "tools/prepare_shards.py --input SHARDS",
     Issue.UNDECODABLE: "the decoder rejects these images: re-encode with "
                        "tools/prepare_shards.py --input SHARDS",
+    Issue.CORRUPT_SCAN: "the JPEG scan data is broken: re-encode the sources with "
+                        "tools/prepare_shards.py --input SHARDS (it drops such images)",
+    Issue.CAPTION_TOO_LONG: "captions exceed data.max_caption_bytes: raise it if they are real "
+                            "captions, or fix the caption field (data.caption_key)",
 }
 
 

@@ -129,15 +129,17 @@ class DataConfig:
     """Images whose header declares more pixels than this are replaced, not decoded: a
     decompression bomb would otherwise stall or OOM a decoder thread."""
 
+    max_caption_bytes: int = 8192
+    """Captions longer than this (UTF-8 bytes, before tokenization) are skipped and counted as
+    `caption_too_long`. Only the first caption_length - 3 pieces are trained on (about 500
+    bytes at 128), so 8 KiB keeps every real caption, long re-captions included, while a
+    runaway entry (a scraped page as its caption) cannot stall each batch that tokenizes it."""
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""
         from ov2_megatron.data.mixing import parse_sources
-        from ov2_megatron.data.preprocess import RESIZE_MODES
 
-        if self.eval_resize not in RESIZE_MODES:
-            raise ValueError(f"DataConfig.eval_resize={self.eval_resize!r}: use one of "
-                             f"{', '.join(RESIZE_MODES)}")
-
+        self.validate_numbers()
         try:
             sources = parse_sources(self.train_shards)
         except ValueError as err:
@@ -153,12 +155,20 @@ class DataConfig:
                 ".." in self.caption_key:
             raise ValueError(f"DataConfig.caption_key {self.caption_key!r} has an empty part: "
                              "write a field name or a dotted path such as meta.caption")
-        if not 0 <= self.bad_sample_warn_fraction <= 1:
-            raise ValueError(f"DataConfig.bad_sample_warn_fraction "
-                             f"{self.bad_sample_warn_fraction} is not a fraction: use [0, 1]")
         if not self.tokenizer_model:
             raise ValueError("DataConfig.tokenizer_model is empty: set it to a SentencePiece "
                              ".model file (tools/train_tokenizer.py)")
+
+    def validate_numbers(self) -> None:
+        """The checks that need no files (also run for the synthetic set before it is built)."""
+        from ov2_megatron.data.preprocess import RESIZE_MODES
+
+        if self.eval_resize not in RESIZE_MODES:
+            raise ValueError(f"DataConfig.eval_resize={self.eval_resize!r}: use one of "
+                             f"{', '.join(RESIZE_MODES)}")
+        if not 0 <= self.bad_sample_warn_fraction <= 1:
+            raise ValueError(f"DataConfig.bad_sample_warn_fraction "
+                             f"{self.bad_sample_warn_fraction} is not a fraction: use [0, 1]")
         if self.resolution < 8:
             raise ValueError(f"DataConfig.resolution {self.resolution} is too small: use >= 8")
         if self.caption_length < 4:
@@ -183,10 +193,11 @@ class DataConfig:
                                  "RGB channel (3)")
         if min(self.std) <= 0:
             raise ValueError(f"DataConfig.std {self.std} has a non-positive entry: use > 0")
-        for name in ("num_threads", "prefetch", "shuffle_buffer", "max_image_pixels",
-                     "bad_sample_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name} {getattr(self, name)} must be >= 1")
+        for name, (low, meaning) in _MINIMUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"DataConfig.{name} {value!r} must be >= {low} (an integer: "
+                                 f"{meaning}): --set data.{name}=N with N >= {low}")
 
     def resolve_shards(self, spec: str | list | None = None) -> list[str]:
         """Concrete shard paths of `spec` (default: train_shards; a mixture's sources one after
@@ -194,6 +205,18 @@ class DataConfig:
         ValueError naming the shard and the fix."""
         spec = self.train_shards if spec is None else spec
         return resolve_shard_spec(spec)
+
+
+# Integer fields and their smallest legal value, with what each counts (for the message).
+_MINIMUMS = {
+    "num_threads": (1, "DALI CPU worker threads per rank"),
+    "prefetch": (1, "batches DALI prepares ahead"),
+    "shuffle_buffer": (1, "samples in the reader's shuffle buffer"),
+    "max_image_pixels": (1, "largest image a header may declare"),
+    "max_caption_bytes": (1, "longest caption read, in UTF-8 bytes"),
+    "bad_sample_window": (1, "samples per bad-data window"),
+    "seed": (0, "base seed of shuffling and augmentation"),
+}
 
 
 def _check_range(name: str, value: tuple[float, float], upper: float | None) -> None:

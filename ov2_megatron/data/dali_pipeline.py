@@ -228,7 +228,8 @@ class ImageCaptionLoader:
         self.shards, self._index_paths, self.mixture = self._resolve(spec)
         self.tokenizer = CaptionTokenizer.from_file(config.tokenizer_model)
         self._filter = SampleFilter(self.tokenizer, config.caption_length, config.max_image_pixels,
-                                    caption_key=config.caption_key, sample_candidates=training)
+                                    caption_key=config.caption_key, sample_candidates=training,
+                                    max_caption_bytes=config.max_caption_bytes)
         self._monitor = BadDataMonitor(config.bad_sample_window, config.bad_sample_warn_fraction)
         self._stats: Counter = Counter()
         self._batches = 0

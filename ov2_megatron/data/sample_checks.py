@@ -3,7 +3,8 @@
 `check_encoded_image` (JPEG, PNG, WebP: what img2dataset writes) and `check_caption` are
 header-level checks cheap enough to run on every sample inside the DALI pipeline (a few dozen
 byte reads, no decode): they catch the failures that would otherwise abort a DALI decode and
-with it the whole batch. `inspect_image` fully
+with it the whole batch; a JPEG's scan data gets one numpy pass over its bytes
+(`check_jpeg_scans`), since decoders only warn about broken scans. `inspect_image` fully
 decodes with PIL and is what tools/prepare_shards.py runs once per image when shards are made.
 """
 
@@ -30,6 +31,8 @@ class Issue(enum.IntEnum):
     CAPTION_NOT_UTF8 = 7
     UNDECODABLE = 8            # passed the header checks but the decoder failed on it
     CAPTION_FIELD_MISSING = 9  # data.caption_key set, but the .json lacks it or is not JSON
+    CAPTION_TOO_LONG = 10      # more than data.max_caption_bytes: skipped before tokenizing
+    CORRUPT_SCAN = 11          # JPEG headers fine, entropy-coded data broken (check_jpeg_scans)
 
     @property
     def metric_name(self) -> str:
@@ -78,7 +81,68 @@ def check_encoded_jpeg(data: np.ndarray | bytes, max_pixels: int) -> Issue:
         if seg_len < 2:
             return Issue.CORRUPT_IMAGE
         pos += 2 + seg_len
-    return Issue.OK if _has_end_after_last_scan(buf) else Issue.TRUNCATED_IMAGE
+    if not _has_end_after_last_scan(buf):
+        return Issue.TRUNCATED_IMAGE
+    return check_jpeg_scans(buf)
+
+
+# Markers that may sit between the scans of a (progressive) JPEG: DHT, DAC, DQT, DNL, DRI,
+# SOS, APPn, COM. Anything else inside the scan region (a frame header, SOI, reserved codes)
+# means the entropy-coded data is broken.
+_BETWEEN_SCANS = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDA, 0xFE} | set(range(0xE0, 0xF0)))
+_RST0, _EOI, _SOS, _DRI = 0xD0, 0xD9, 0xDA, 0xDD
+
+
+def check_jpeg_scans(data: np.ndarray | bytes | memoryview) -> Issue:
+    """Byte-level validity of a JPEG's entropy-coded data, without Huffman decoding.
+
+    Inside a scan every 0xFF byte is stuffed (FF 00) or a restart marker, and restart markers
+    come only with a restart interval (DRI) and in the cyclic order RST0..RST7. Corrupt scan
+    data breaks that (an FF followed by a code no scan may hold, a restart out of order or
+    where none is defined), and libjpeg-turbo, DALI's CPU decoder and PIL's, then only warns
+    ("Corrupt JPEG data: ...") and decodes grey or shifted blocks that would be trained on.
+    Numpy over the bytes, no decode: 0.15-0.2 ms for a 60-230 KB JPEG (measured on noise, the
+    worst case: ~1 ms per MB), against several ms to decode it. Corruption that keeps the byte
+    stuffing valid (a flipped bit inside a Huffman code) is only visible to a full decode."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    ff = np.flatnonzero(a[:-1] == 0xFF)
+    codes = a[ff + 1]
+    markers = (codes != 0x00) & (codes != 0xFF)  # a marker or RST, not stuffing or fill
+    ff, codes = ff[markers], codes[markers]
+    is_rst = (codes >= _RST0) & (codes <= _RST0 + 7)
+    interval, pos, n = 0, 2, len(a)
+    while pos + 4 <= n:  # walk the segments: headers, then scan by scan
+        if a[pos] != 0xFF:
+            # Segment lengths past the frame header that do not chain up: not a verdict on
+            # the scan data, so the decoder judges it (and the loader's recovery, if it fails).
+            return Issue.OK
+        marker = int(a[pos + 1])
+        if marker == 0xFF or marker in _STANDALONE_MARKERS:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == _EOI:
+            return Issue.OK
+        length = (int(a[pos + 2]) << 8) | int(a[pos + 3])
+        if marker == _DRI and length >= 4 and pos + 6 <= n:
+            interval = (int(a[pos + 4]) << 8) | int(a[pos + 5])
+        pos += 2 + length
+        if marker != _SOS:
+            continue
+        # Entropy-coded data runs from `pos` to the next marker that is not a restart.
+        i = int(np.searchsorted(ff, pos))
+        end = i
+        while end < len(ff) and is_rst[end]:
+            end += 1
+        restarts = codes[i:end] - _RST0
+        if len(restarts) and (not interval or np.any(restarts != np.arange(len(restarts)) % 8)):
+            return Issue.CORRUPT_SCAN
+        if end == len(ff):
+            return Issue.TRUNCATED_IMAGE
+        next_marker = int(codes[end])
+        if next_marker != _EOI and next_marker not in _BETWEEN_SCANS:
+            return Issue.CORRUPT_SCAN
+        pos = int(ff[end])
+    return Issue.OK  # the lengths ran off the end: as above, the decoder judges it
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -191,7 +255,10 @@ def inspect_image(data: bytes, max_pixels: int, jpeg_quality: int = 95) -> tuple
         except (ValueError, SyntaxError) as err:  # PIL plugins raise these on broken headers
             return None, f"corrupt: {err}"
     keep_bytes = image.format == "JPEG" and image.mode in ("RGB", "L")
-    if keep_bytes and check_encoded_jpeg(data, max_pixels) == Issue.OK:
+    issue = check_encoded_jpeg(data, max_pixels) if image.format == "JPEG" else Issue.OK
+    if issue == Issue.CORRUPT_SCAN:  # PIL decoded it, with grey or shifted blocks
+        return None, "corrupt: broken JPEG scan data"
+    if keep_bytes and issue == Issue.OK:
         return data, ""
     out = io.BytesIO()
     image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality)
@@ -203,4 +270,5 @@ def _os_error_reason(err: OSError) -> str:
     return "truncated" if "truncated" in str(err).lower() else f"corrupt: {err}"
 
 
-__all__ = ["Issue", "check_encoded_image", "check_encoded_jpeg", "check_caption", "inspect_image"]
+__all__ = ["Issue", "check_encoded_image", "check_encoded_jpeg", "check_jpeg_scans",
+           "check_caption", "inspect_image"]

@@ -13,6 +13,10 @@ has no per-sample skip. So before decoding, `SampleFilter` runs once per batch
   * tokenizes the captions into fixed-length rows, so tokens leave DALI as a dense tensor.
 Its output depends only on its input (and the blocklist), so DALI checkpoints stay exact.
 
+A caption longer than data.max_caption_bytes is flagged (caption_too_long) before it is
+split or tokenized. A JPEG whose scan data breaks the byte stuffing is flagged too
+(corrupt_scan: sample_checks.check_jpeg_scans): decoders only warn about it.
+
 Images that pass the header checks but still break the decoder (e.g. corrupt entropy data)
 are handled by the loader's recovery: it replays the stream from the last checkpoint with
 `capture_batches` set (DALI reports a failure of any in-flight batch, so the culprit can be
@@ -33,6 +37,10 @@ from ov2_megatron.data.sample_checks import Issue, check_encoded_image
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 
 
+# A .json entry may be this many times data.max_caption_bytes before it is skipped unparsed.
+_JSON_SLACK = 64
+
+
 def _placeholder_jpeg() -> np.ndarray:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="JPEG", quality=90)
@@ -50,8 +58,10 @@ class SampleFilter:
         -> (images, tokens, issues, captions, bad_sources)."""
 
     def __init__(self, tokenizer: CaptionTokenizer, caption_length: int, max_image_pixels: int,
-                 caption_key: str = "", sample_candidates: bool = True):
+                 caption_key: str = "", sample_candidates: bool = True,
+                 max_caption_bytes: int = 8192):
         self.tokenizer = tokenizer
+        self.max_caption_bytes = max_caption_bytes
         self.caption_key = caption_key
         self.sample_candidates = sample_candidates  # False (eval): always the first candidate
         self.caption_length = caption_length
@@ -77,6 +87,21 @@ class SampleFilter:
         hashes = self.blocklist.get(len(data))
         return bool(hashes) and fingerprint(data) in hashes
 
+    def _caption(self, caption: np.ndarray, meta: np.ndarray, draw) -> tuple[Issue, str]:
+        """The caption, or CAPTION_TOO_LONG before anything reads a runaway entry: splitting
+        and tokenizing a 10 MB caption takes seconds, once per batch that holds it."""
+        limit = self.max_caption_bytes
+        raw = meta if self.caption_key else caption
+        # A .json may carry other fields beside the caption: it gets a larger bound here and
+        # the picked caption the exact one below.
+        if len(raw) > (_JSON_SLACK * limit if self.caption_key else limit):
+            return Issue.CAPTION_TOO_LONG, ""
+        issue, text = pick_caption(caption, meta, self.caption_key,
+                                   float(draw) if self.sample_candidates else None)
+        if issue == Issue.OK and len(text) > limit // 4 and len(text.encode("utf-8")) > limit:
+            return Issue.CAPTION_TOO_LONG, ""
+        return issue, text
+
     def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray],
                  metas: list[np.ndarray], draws: list[np.ndarray],
                  image_sources: list[np.ndarray], text_sources: list[np.ndarray]):
@@ -86,8 +111,7 @@ class SampleFilter:
             issue = check_encoded_image(jpeg, self.max_image_pixels)
             if issue == Issue.OK and self.blocklist and self._is_blocked(jpeg):
                 issue = Issue.UNDECODABLE
-            caption_issue, text = pick_caption(
-                caption, meta, self.caption_key, float(draw) if self.sample_candidates else None)
+            caption_issue, text = self._caption(caption, meta, draw)
             if issue == Issue.OK:
                 issue = caption_issue
             # The decoder must see valid data even for a rejected row; the loader drops it later.

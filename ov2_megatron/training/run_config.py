@@ -8,7 +8,8 @@ import json
 import typing
 from dataclasses import dataclass, field
 
-from ov2_megatron.config import (ModelConfig, ParallelConfig, SequenceGeometry, validate_model)
+from ov2_megatron.config import (ModelConfig, ParallelConfig, SequenceGeometry, check_minimums,
+                                 validate_model, validate_parallel)
 from ov2_megatron.data.config import DataConfig
 
 
@@ -161,8 +162,17 @@ def _parse_tuple(raw: str, args: tuple) -> tuple:
 
 def validate_run(run: RunConfig, world_size: int,
                  device_capability: tuple[int, int] | None = None) -> SequenceGeometry:
-    """Everything checkable before compute; each error names the field and the fix."""
+    """Everything checkable before compute; each error names the field and the fix. Sizes
+    first (the layout checks divide by them), then the layout, the fields, the model, paths, an
+    existing run directory's model shape and, last, memory (it needs all the rest)."""
+    from ov2_megatron.training import run_checks
+
     p, t = run.parallel, run.train
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size {world_size!r} must be >= 1")
+    validate_parallel(p)
+    check_minimums("train", t, TRAIN_MINIMUMS)
+    _check_floats(t)
     model_parallel = p.tensor * p.pipeline
     if world_size % model_parallel:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tensor "
@@ -179,14 +189,12 @@ def validate_run(run: RunConfig, world_size: int,
                          f"divisible by parallel.pipeline ({p.pipeline}): adjust "
                          "train.global_batch or train.micro_batch")
     checks = [
-        (t.steps >= 1, f"train.steps {t.steps} must be >= 1"),
         (t.precision in ("bf16", "fp32"), f"train.precision {t.precision!r}: use bf16 or fp32"),
         (t.recompute in ("none", "selective", "full"),
          f"train.recompute {t.recompute!r}: use none, selective or full"),
         (t.precision == "bf16" or not run.model.fp8, "model.fp8 needs train.precision=bf16"),
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr {t.lr} / min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
         *_warmup_checks(t),
-        (t.keep_last >= 1, "train.keep_last must be >= 1"),
         (run.stage in (1, 2), f"stage {run.stage}: use 1 or 2"),
         (run.data.resolution == run.model.vision.image_size,
          f"data.resolution {run.data.resolution} != model.vision.image_size "
@@ -196,12 +204,47 @@ def validate_run(run: RunConfig, world_size: int,
          "positions (model.decoder.pos_embed) only cover the kept tokens: keep token drop"),
         (run.data.caption_length == run.model.decoder.caption_length,
          f"data.caption_length {run.data.caption_length} != model.decoder.caption_length "
-         f"{run.model.decoder.caption_length}"),
+         f"{run.model.decoder.caption_length}: set both (>= 4; reference 128)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    return validate_model(run.model, p, device_capability)
+    run.data.validate_numbers()
+    geom = validate_model(run.model, p, device_capability)
+    run_checks.check_paths(run)
+    run_checks.check_resume_shape(run)
+    run_checks.check_memory(run, world_size, geom)
+    return geom
+
+
+# Integer fields of TrainConfig and their smallest legal value, with what each counts.
+TRAIN_MINIMUMS = {
+    "steps": (1, "optimizer steps in this stage"),
+    "global_batch": (1, "images per optimizer step over all replicas"),
+    "micro_batch": (1, "images per forward/backward on one replica"),
+    "warmup_steps": (0, "linear warmup steps; none to use train.warmup_fraction"),
+    "seed": (0, "seeds init, token dropping and data order"),
+    "log_interval": (1, "steps between metrics lines"),
+    "save_interval": (1, "steps between checkpoints"),
+    "keep_last": (1, "checkpoints kept"),
+    "eval_interval": (0, "steps between validations, 0 for only at the end"),
+    "eval_batches": (1, "validation batches per evaluation"),
+    "max_nonfinite": (1, "consecutive non-finite losses that stop the run"),
+    "num_generate": (0, "validation images captioned at each evaluation, 0 for none"),
+}
+
+
+def _check_floats(t: TrainConfig) -> None:
+    checks = [
+        (t.weight_decay >= 0, f"train.weight_decay {t.weight_decay} must be >= 0 (reference 0.2)"),
+        (0 <= t.beta1 < 1, f"train.beta1 {t.beta1} must be in [0, 1) (reference 0.9)"),
+        (0 <= t.beta2 < 1, f"train.beta2 {t.beta2} must be in [0, 1) (reference 0.95)"),
+        (t.eps > 0, f"train.eps {t.eps} must be > 0 (Adam's denominator; reference 1e-8)"),
+        (t.clip_grad >= 0, f"train.clip_grad {t.clip_grad} must be >= 0 (0 disables clipping)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def _warmup_checks(t: TrainConfig) -> list[tuple[bool, str]]:
@@ -212,8 +255,6 @@ def _warmup_checks(t: TrainConfig) -> list[tuple[bool, str]]:
          f"{t.warmup_fraction} are both set: keep one (--set train.warmup_steps=none to use "
          "the fraction, or train.warmup_fraction=none for the absolute steps)"),
         (not neither, "train.warmup_steps and train.warmup_fraction are both none: set one"),
-        (t.warmup_steps is None or t.warmup_steps >= 0,
-         f"train.warmup_steps {t.warmup_steps} must be >= 0"),
         (t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
          f"train.warmup_fraction {t.warmup_fraction} must be in [0, 1)"),
     ]
