@@ -33,6 +33,7 @@ import torch
 from ov2_megatron.config import ModelConfig, ParallelConfig, SequenceGeometry, geometry
 from ov2_megatron.conversion import ConversionError
 from ov2_megatron.conversion.atomic_output import staged_directory
+from ov2_megatron.training import checkpoint_manifest
 from ov2_megatron.training.run_config import RunConfig, validate_run
 
 META_IMPORTED = "imported"
@@ -45,8 +46,8 @@ def locate(path: str, config_path: str | None = None) -> tuple[str, RunConfig]:
     from ov2_megatron.training import checkpoint
 
     try:
-        step_dir = checkpoint.resolve(path)
-    except FileNotFoundError as error:
+        step_dir = checkpoint.resolve(path)  # verified: sizes, sha256, metadata allow-list
+    except (FileNotFoundError, ValueError) as error:
         raise ConversionError(str(error)) from None
     if step_dir is None:
         raise ConversionError(f"{path}: no checkpoint there (expected a run directory with "
@@ -180,7 +181,7 @@ def load_model(step_dir: str, run: RunConfig, device: str = "cpu"):
     becomes a one-rank megatron job). Returns (chunk, geometry)."""
     from ov2_megatron.models.openvision2 import build_chunks
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize
-    from ov2_megatron.training import checkpoint
+    from ov2_megatron.training import checkpoint, safe_unpickle
 
     # Built unsharded, so at the geometry of TP=1 (no alignment padding): the parameters are
     # the same at every layout's geometry, and encode() runs without padded positions.
@@ -193,6 +194,10 @@ def load_model(step_dir: str, run: RunConfig, device: str = "cpu"):
     if device != "cpu":
         chunk.to(device)
     sharded = checkpoint.model_sharded_state([chunk])
+    try:
+        safe_unpickle.check_metadata(step_dir)  # before torch unpickles it
+    except safe_unpickle.UnsafeCheckpointError as error:
+        raise ConversionError(str(error)) from None
     _check_metadata(step_dir, sharded["model0"])
     _check_data_files(step_dir)
     try:
@@ -301,6 +306,7 @@ def write_distributed(standard: dict[str, torch.Tensor], run: RunConfig, output:
                     layout={META_IMPORTED: True, "tensor": p.tensor, "pipeline": p.pipeline})
         with open(os.path.join(step_dir, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        checkpoint_manifest.write(step_dir)  # the training loop's format: verified on load
         with open(os.path.join(staging, "checkpoints", "latest"), "w") as f:
             f.write(step_name + "\n")
         with open(os.path.join(staging, "config.json"), "w") as f:

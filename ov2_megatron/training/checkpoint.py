@@ -2,12 +2,17 @@
 them), plus per-rank optimizer, RNG and data-loader state for an exact resume on the same
 layout.
 
-    checkpoints/step_00000100/   dist_checkpointing files, meta.json, rank_00000.pt ...
+    checkpoints/step_00000100/   dist_checkpointing files, meta.json, rank_00000.pt ...,
+                                 manifest.json
     checkpoints/latest           "step_00000100", replaced atomically
 
 A step directory is written as `step_X.partial` and renamed only after every rank finished,
 and `latest` moves only after that rename, so a kill during a save leaves `latest` on the
 previous complete checkpoint (the partial directory is removed at the next start).
+A failed save (a full disk: "no space left on device") removes it at once, on every rank.
+The last file written is `manifest.json` (checkpoint_manifest.py): every file's size and
+sha256, verified before a load; a damaged `latest` falls back to the newest checkpoint that
+verifies. Nothing is unpickled beyond tensors and plain data (safe_unpickle.py).
 The per-rank files assume the same layout: on another layout the weights are loaded and
 the optimizer restarts from them, and the resume says so.
 
@@ -18,19 +23,27 @@ are the same (the local spec saves its norms under TE's fused names) except for 
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
+import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ov2_megatron.models.state_dict_adapter import is_extra_state, other_spec_name
+from ov2_megatron.training import checkpoint_manifest, safe_unpickle
 from ov2_megatron.training.optimizer import inner_optimizers
 
 LATEST = "latest"
@@ -45,24 +58,50 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def start_writer_shielded() -> None:
-    """Start megatron's checkpoint-writer helper process now, with stop signals ignored.
+_writer_manager = None  # the Manager process behind megatron's write-results queue
 
-    dist_checkpointing spawns a multiprocessing Manager at the first save. Spawned with the
-    default handlers, a SIGTERM/SIGUSR1 sent to the whole job step (scancel, preemption,
-    torchrun forwarding) kills it, and the very save that the signal asks for then fails with
-    BrokenPipeError. Ignored dispositions survive the spawn, so the helper outlives them."""
+
+def start_writer_shielded() -> None:
+    """Start megatron's checkpoint-writer helper process now: stop signals ignored, and
+    tied to this process, so it can neither break a save nor outlive the rank.
+
+    dist_checkpointing spawns a multiprocessing Manager (its write-results queue) at the first
+    save, with default handlers: a SIGTERM/SIGUSR1 sent to the whole job step or process group
+    (scancel, preemption, torchrun's killpg) killed it, and the very save the signal asked for
+    failed with BrokenPipeError. So the Manager is started here, the way megatron would
+    (spawn), with process_lifetime.shield_helper as its initializer (signals ignored, SIGKILL
+    when this process ends, even by SIGKILL), and megatron's module-level queue is set to it;
+    megatron's factory then returns it. Forked children (megatron 0.16's write workers) are
+    tied to this process too. The stop signals stay blocked while the Manager starts: they
+    wait (the child unblocks them once ignored), none is lost in the parent."""
+    global _writer_manager
+    import multiprocessing
     import signal
+    from multiprocessing import resource_tracker
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    start = write_results_queue_factory(filesystem_async)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    from ov2_megatron.training import process_lifetime
+
+    write_results_queue_factory(filesystem_async)  # a release this code knows
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise RuntimeError("megatron.core.dist_checkpointing.strategies.filesystem_async has no "
+                           "_results_queue: re-validate checkpoint.start_writer_shielded")
+    process_lifetime.tie_forked_children()
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    # spawn starts the resource tracker first, and its start unblocks SIGTERM again: start it
+    # before blocking (a running tracker is reused as it is).
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, process_lifetime.STOP_SIGNALS)
     try:
-        start()  # spawns the Manager that owns the queue, with the signals ignored
+        manager.start(process_lifetime.shield_helper, (os.getpid(),))
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _writer_manager = manager
+    filesystem_async._results_queue = manager.Queue()
 
 
 def write_results_queue_factory(filesystem_async):
@@ -91,27 +130,128 @@ def model_sharded_state(chunks: list) -> dict:
 
 def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
          data_state) -> str:
-    """Write checkpoint `step` under `root` (= run_dir/checkpoints); returns its path."""
+    """Write checkpoint `step` under `root` (= run_dir/checkpoints); returns its path.
+
+    A failure on any rank fails the save on every rank alike, naming the directory, with
+    `latest` left on the previous checkpoint; on a full disk ("no space left on device") the
+    staging directory is removed at once, since its bytes are what the disk lacks."""
     name = f"step_{step:08d}"
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     _barrier()
-    dist_checkpointing.save(model_sharded_state(chunks), partial)
-    _atomic_torch_save(_rank_state(optimizer, data_state),
-                       os.path.join(partial, f"rank_{_rank():05d}.pt"))
-    _barrier()
+    error, writer_errors = None, _WriterErrors()
+    try:
+        with writer_errors:
+            dist_checkpointing.save(model_sharded_state(chunks), partial)
+        _write_rank_state(_rank_state(optimizer, data_state),
+                          os.path.join(partial, f"rank_{_rank():05d}.pt"))
+    except _CHECKPOINT_ERRORS as caught:  # every rank raises when one writer fails
+        error = caught
+        for message in writer_errors.messages:  # traceback.format_exception shows notes
+            error.add_note(message)
+    _fail_together(error, root, partial)
     if _rank() == 0:
-        meta = dict(meta, step=step, scheduler=scheduler.state_dict())
-        with open(os.path.join(partial, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _write_latest(root, name)
-    _barrier()
+        try:
+            meta = dict(meta, step=step, scheduler=scheduler.state_dict())
+            with open(os.path.join(partial, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2, default=str)
+            checkpoint_manifest.write(partial)  # last: a listed directory is a complete one
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_latest(root, name)
+        except _CHECKPOINT_ERRORS as caught:
+            error = caught
+    _fail_together(error, root, partial)
     return final
+
+
+class _WriterErrors(logging.Handler):
+    """The errors megatron's checkpoint writer logs. megatron-core 0.19 raises only the
+    exception's class ("error: <class 'OSError'>") when its in-process writer fails; the
+    errno text ("[Errno 28] No space left on device") is only in its log record."""
+
+    _LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger(self._LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(self._LOGGER).removeHandler(self)
+
+
+# torch.distributed.checkpoint's CheckpointException (how a failed write reaches every rank)
+# derives from BaseException, not Exception.
+_CHECKPOINT_ERRORS = (Exception, CheckpointException)
+
+
+def _fail_together(error: Exception | None, root: str, partial: str) -> None:
+    """Raise on every rank if `error` happened on any: what failed where, with the staging
+    directory removed first (rank 0) and `latest` untouched."""
+    mine = None if error is None else (_is_no_space(error, partial), _first_line(error))
+    failures = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, mine)
+    failed = {rank: f for rank, f in enumerate(failures) if f is not None}
+    if not failed:
+        return
+    previous = _read_latest(root)
+    kept = f"`latest` stays on {previous}" if previous else "no earlier checkpoint"
+    ranks = ",".join(map(str, failed))
+    if any(no_space for no_space, _ in failed.values()):
+        # Its bytes are what the disk lacks: removed now, not at the next start.
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint {partial} "
+                      f"(rank {ranks}): removed it, {kept}; free space under {root} and resume")\
+            from error
+    detail = next(iter(failed.values()))[1]
+    raise RuntimeError(f"saving checkpoint {partial} failed on rank {ranks}: {detail}; {kept} "
+                       "(the next start removes the partial directory)") from error
+
+
+_WRITE_FAILURE_TEXT = ("No space left on device", "[Errno 28]", "unexpected pos",
+                       "basic_ios::clear", "file write failed")
+
+
+def _is_no_space(error: Exception, partial: str) -> bool:
+    """ENOSPC anywhere in the chain, or in the text megatron's writer forwards (its worker's
+    exception crosses a process/rank boundary as a string), or torch's C++ writer's failure
+    text ("unexpected pos", "basic_ios::clear") on a file system that is (nearly) full."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    if "No space left on device" in text or "[Errno 28]" in text:
+        return True
+    if any(marker in text for marker in _WRITE_FAILURE_TEXT):
+        try:
+            return shutil.disk_usage(os.path.dirname(partial)).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
+_NEARLY_FULL = 64 << 20
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def prune(root: str, keep_last: int) -> None:
@@ -132,19 +272,113 @@ def clean_partial(root: str) -> None:
 
 
 def resolve(path: str) -> str | None:
-    """A run dir, a checkpoints/ dir or a step dir -> the step dir to load (None if none)."""
+    """A run dir, a checkpoints/ dir or a step dir -> the step dir to load (None if none).
+
+    Every candidate is verified against its manifest (sizes and sha256) before anything is
+    read from it. In a checkpoints/ dir, `latest` is tried first; if it is damaged, incomplete
+    or missing, the newest step directory that verifies is used, and the fallback is printed
+    in one line. A step dir named directly must verify. Raises (naming each checkpoint and
+    what is wrong with it) if checkpoints exist but none verifies: never a silent fresh start.
+    Rank 0 reads the files; every rank gets its answer."""
+    answer = None
+    if _rank() == 0:
+        try:
+            answer = ("ok", _resolve_verified(path))
+        except Exception as error:
+            answer = ("error", f"{type(error).__name__}\0{error}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    kind, value = answer
+    if kind == "error":
+        error_type, message = value.split("\0", 1)
+        raise (FileNotFoundError if error_type == "FileNotFoundError" else ValueError)(message)
+    return value
+
+
+def _resolve_verified(path: str) -> str | None:
+    if _is_step_dir(path):
+        _require_verified(path)
+        return path
     for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.isfile(os.path.join(candidate, "meta.json")):
-            return candidate
-        latest = os.path.join(candidate, LATEST)
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                step_dir = os.path.join(candidate, f.read().strip())
-            if not os.path.isfile(os.path.join(step_dir, "meta.json")):
-                raise FileNotFoundError(f"{latest} points at {step_dir}, which is not a complete "
-                                        "checkpoint: restore the directory or delete `latest`")
-            return step_dir
+        steps = _step_dirs(candidate)
+        latest = _read_latest(candidate)
+        if latest is None and not steps:
+            continue
+        order = ([latest] if latest else []) + [s for s in steps if s != latest]
+        rejected = []
+        if latest is None:
+            print(f"{candidate}: `{LATEST}` is missing but {len(steps)} step director"
+                  f"{'y is' if len(steps) == 1 else 'ies are'} present: resuming from the newest "
+                  "that verifies", flush=True)
+        for name in order:
+            step_dir = os.path.join(candidate, name)
+            problem = checkpoint_manifest.verify(step_dir)
+            if problem in (None, checkpoint_manifest.LEGACY):
+                problem = problem or _check_pickles(step_dir)
+            if problem in (None, checkpoint_manifest.LEGACY):
+                if problem == checkpoint_manifest.LEGACY:
+                    print(f"warning: {step_dir} was written before checkpoint manifests: "
+                          "loading it unverified (damage in it goes undetected)", flush=True)
+                if rejected:
+                    print(f"falling back to {step_dir}, the newest checkpoint that verifies",
+                          flush=True)
+                return step_dir
+            print(f"checkpoint {step_dir} is unusable: {problem}", flush=True)
+            rejected.append(f"{name}: {problem}")
+        raise ValueError(f"no checkpoint in {candidate} verifies ({'; '.join(rejected)}): "
+                         "restore one, or move the directory away to start from scratch")
     return None
+
+
+def _require_verified(step_dir: str) -> None:
+    problem = checkpoint_manifest.verify(step_dir)
+    if problem == checkpoint_manifest.LEGACY:
+        print(f"warning: {step_dir} was written before checkpoint manifests: loading it "
+              "unverified (damage in it goes undetected)", flush=True)
+        problem = None
+    problem = problem or _check_pickles(step_dir)
+    if problem:
+        raise ValueError(f"checkpoint {step_dir} is unusable: {problem}")
+
+
+def _check_pickles(step_dir: str) -> str | None:
+    """The dist-checkpoint metadata against the allow-list (torch unpickles it bare), and
+    megatron's common.pt, if any, as weights only (megatron relies on torch's default)."""
+    try:
+        safe_unpickle.check_metadata(step_dir)
+        common = os.path.join(step_dir, _COMMON)
+        if os.path.isfile(common):
+            safe_unpickle.load_torch_file(common)
+    except safe_unpickle.UnsafeCheckpointError as error:
+        return str(error)
+    return None
+
+
+_COMMON = "common.pt"  # megatron: dist_checkpointing/strategies/common.py COMMON_STATE_FNAME
+
+
+def _is_step_dir(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name))
+               for name in ("meta.json", checkpoint_manifest.MANIFEST))
+
+
+def _step_dirs(root: str) -> list[str]:
+    """Published step directories under `root`, newest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((d for d in os.listdir(root) if d.startswith("step_")
+                   and not d.endswith(".partial") and os.path.isdir(os.path.join(root, d))),
+                  reverse=True)
+
+
+def _read_latest(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def read_meta(step_dir: str) -> dict:
@@ -167,16 +401,35 @@ def load_sharded(sharded: dict, step_dir: str) -> dict:
     for: those are skipped, and the modules keep their fresh FP8 metadata. Any other key the
     model needs and the checkpoint lacks, or the checkpoint holds and the model lacks, raises
     naming it, on every rank alike."""
+    safe_unpickle.check_metadata(step_dir)  # before torch unpickles it
+    # Objects (TE's FP8 `_extra_state`) are pickles that torch loads with weights_only=False
+    # and TE unpickles again: never asked for, so a checkpoint can only hand over tensors.
+    # Their modules keep fresh FP8 scaling metadata, which TE re-derives in a few steps.
+    sharded = _without_objects(sharded)
     # megatron's names, from the request's side: "unexpected" = asked for but not saved,
     # "missing" = saved but asked for by no rank. RETURN_ALL drops the unexpected ones.
-    state, not_asked, not_saved = dist_checkpointing.load(sharded, step_dir,
-                                                          strict=StrictHandling.RETURN_ALL)
+    try:
+        state, not_asked, not_saved = dist_checkpointing.load(sharded, step_dir,
+                                                              strict=StrictHandling.RETURN_ALL)
+    except _CHECKPOINT_ERRORS as error:  # torch.distributed.checkpoint's errors rarely name files
+        raise ValueError(f"{step_dir}: reading the weights failed: {_first_line(error)}") \
+            from error
     not_saved = _on_any_rank({key for key in not_saved if not is_extra_state(key)})
     not_asked = {key for key in not_asked if not is_extra_state(key)}
     _refuse(step_dir, [f"the model needs {key}, which the checkpoint lacks"
                        for key in sorted(not_saved)] +
             [f"the checkpoint holds {key}, which the model lacks" for key in sorted(not_asked)])
     return state
+
+
+def _without_objects(sharded):
+    if isinstance(sharded, dict):
+        return {key: _without_objects(value) for key, value in sharded.items()
+                if not isinstance(value, ShardedObject)}
+    if isinstance(sharded, list):
+        return [_without_objects(value) for value in sharded
+                if not isinstance(value, ShardedObject)]
+    return sharded
 
 
 def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
@@ -213,15 +466,51 @@ def _refuse(source: str, problems: list[str]) -> None:
 
 
 def load_rank_state(step_dir: str, optimizer) -> object:
-    """Restore optimizer shards and RNG streams of this rank; return its data-loader state."""
-    state = torch.load(os.path.join(step_dir, f"rank_{_rank():05d}.pt"), weights_only=False)
-    for opt, saved in zip(inner_optimizers(optimizer), state["optimizers"]):
+    """Restore optimizer shards and RNG streams of this rank; return its data-loader state.
+
+    Read as tensors and plain data only. Refused, naming the file and what is wrong, if it
+    lacks an optimizer's moments for any parameter or holds a non-finite value: either would
+    otherwise continue training silently from a restarted or poisoned Adam state."""
+    path = os.path.join(step_dir, f"rank_{_rank():05d}.pt")
+    state = safe_unpickle.load_torch_file(path)
+    inner = inner_optimizers(optimizer)
+    saved_all = state.get("optimizers") if isinstance(state, dict) else None
+    if not isinstance(saved_all, list) or len(saved_all) != len(inner):
+        raise ValueError(f"{path}: holds {0 if not isinstance(saved_all, list) else len(saved_all)}"
+                         f" optimizer states, this run has {len(inner)}: not this run's rank "
+                         "file, or damaged")
+    for index, (opt, saved) in enumerate(zip(inner, saved_all)):
+        _check_optimizer_state(path, index, saved, len(_main_params(opt)))
+    for opt, saved in zip(inner, saved_all):
         opt.optimizer.load_state_dict(saved["torch"])
         with torch.no_grad():
             for param, value in zip(_main_params(opt), saved["main_params"]):
                 param.copy_(value)
     _set_rng_state(state["rng"])
     return state["data"]
+
+
+def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) -> None:
+    where = f"{path}: optimizer {index}"
+    torch_state = saved.get("torch", {}) if isinstance(saved, dict) else {}
+    per_param, groups = torch_state.get("state", {}), torch_state.get("param_groups", [])
+    ids = [i for group in groups for i in group.get("params", [])]
+    main = saved.get("main_params", []) if isinstance(saved, dict) else []
+    if len(ids) != num_params or len(main) != num_params:
+        raise ValueError(f"{where} lists {len(ids)} parameters and {len(main)} master weights, "
+                         f"this run's has {num_params}: not this run's rank file, or damaged")
+    missing = [i for i in ids if not per_param.get(i)]
+    if missing:
+        raise ValueError(f"{where} has no moments for {len(missing)} of {num_params} parameters "
+                         f"(first: parameter {missing[0]}): the optimizer state is missing, and "
+                         "resuming would silently restart Adam")
+    tensors = [(f"master weight {i}", t) for i, t in enumerate(main)]
+    tensors += [(f"parameter {i} {name}", t) for i in ids for name, t in per_param[i].items()]
+    for name, tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
+                and not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: {name} {tuple(tensor.shape)} holds non-finite values "
+                             "(NaN/inf): refusing to resume from a poisoned optimizer state")
 
 
 def _rank_state(optimizer, data_state) -> dict:
@@ -237,7 +526,10 @@ def _main_params(opt) -> list[torch.Tensor]:
 
 
 def _rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                       has_gauss=int(has_gauss), gauss=float(gauss))  # tensors, not arrays
+    state = dict(python=random.getstate(), numpy=numpy_state,
                  torch=torch.get_rng_state(),
                  tracker=tensor_parallel.get_cuda_rng_tracker().get_states())
     if torch.cuda.is_available():
@@ -247,16 +539,34 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                 saved["has_gauss"], saved["gauss"])
+    np.random.set_state(saved)  # a tuple with an array in rank files from before
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_torch_save(obj, path: str) -> None:
+def _write_rank_state(state: dict, path: str) -> None:
+    """torch.save through a Python file (so a full disk raises OSError ENOSPC rather than
+    torch's C++ stream errors), renamed into place. The data-loader and RNG parts are
+    checked to load with weights_only=True first, so a resume can read what is written."""
+    light = io.BytesIO()
+    torch.save(dict(rng=state["rng"], data=state["data"]), light)
+    light.seek(0)
+    try:
+        torch.load(light, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise TypeError(f"the data-loader or RNG state is not plain data (tensors, containers, "
+                        f"numbers, strings), so a resume could not read it: {error}") from None
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

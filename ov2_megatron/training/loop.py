@@ -4,7 +4,9 @@ Order of set-up (each step needs the previous one):
  1. choose the data sources (own shards switch the synthetic set off, data_sources.py) and
     validate the whole run config; own shards and their tokenizer are opened here too
     (before any process group or allocation);
- 2. process groups (NCCL, or gloo + the CPU backend) and RNG seeds;
+ 2. process groups (NCCL, or gloo + the CPU backend) and RNG seeds; then the output
+    directory's lock (run_lock: rank 0 takes it, every rank learns the outcome), before the
+    run writes anything there;
  3. the synthetic dataset on first use and its checks (rank 0 builds it, the rest wait);
  4. this rank's model chunks -> GPU -> megatron DDP (grad buffers) -> distributed optimizer;
  5. state: resume from the run's latest checkpoint, else stage-2 init from stage 1;
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 
 import psutil
@@ -29,7 +30,8 @@ from ov2_megatron.models import specs
 from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
-from ov2_megatron.training import checkpoint, data_sources, evaluate, stage_transfer
+from ov2_megatron.training import (checkpoint, data_sources, evaluate, process_lifetime,
+                                   run_lock, stage_transfer)
 from ov2_megatron.training.metrics import MetricsLogger
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import RunConfig, validate_run, warmup_rule
@@ -39,19 +41,16 @@ from ov2_megatron.training.step import BatchStream, run_schedule
 class StopRequested:
     """SIGTERM / SIGUSR1 (Slurm preemption or time limit) and a first Ctrl-C (SIGINT) ->
     checkpoint at the next step end. A KeyboardInterrupt raised inside DALI's iteration can
-    deadlock it, so the first SIGINT only sets the flag; a second one interrupts at once."""
+    deadlock it, so the first SIGINT only sets the flag; a second one interrupts at once.
+    The handlers are process_lifetime's, which train.main installs before the heavy imports:
+    a signal received since then counts here too."""
 
     def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # background jobs ignore it
-            signal.signal(signal.SIGINT, self._handle)
+        process_lifetime.install_stop_handlers()
 
-    def _handle(self, signum, frame):
-        self.signal = signum
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    @property
+    def signal(self) -> int | None:
+        return process_lifetime.stop_signal()
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (a signal may reach only some)."""
@@ -74,6 +73,7 @@ def setup(run: RunConfig):
         notes += data_sources.check_data(run, dp_size)
     impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
     initialize(layout, seed=run.train.seed)  # 2
+    run_lock.take_for_run(run.train.output_dir)  # before anything is written there
     if run.synthetic:
         notes += prepare_data(run, dp_size)  # 3
     geom = validate_run(run, world, capability)  # again: the vocabulary follows the tokenizer
@@ -127,7 +127,15 @@ def prepare_data(run: RunConfig, dp_size: int | None = None) -> list[str]:
 
 
 def train(run: RunConfig) -> dict:
-    """Run (or resume) the stage described by `run`; returns the final summary."""
+    """Run (or resume) the stage described by `run`; returns the final summary. The run
+    directory's lock (run_lock, taken in setup) is released however the run ends."""
+    try:
+        return _train(run)
+    finally:
+        run_lock.release_all()
+
+
+def _train(run: RunConfig) -> dict:
     stop = StopRequested()  # first: a signal during a long set-up must not kill the rank
     checkpoint.start_writer_shielded()
     geom, impl, model, optimizer, scheduler = setup(run)

@@ -67,10 +67,17 @@ def _first_existing(path: str) -> str:
 
 def _holds_checkpoint(path: str) -> bool:
     """Whether `path` (run, checkpoints/ or step dir) has a checkpoint, as checkpoint.resolve
-    looks for one: meta.json, or a `latest` file."""
-    return any(os.path.isfile(os.path.join(candidate, name))
-               for candidate in (path, os.path.join(path, "checkpoints"))
-               for name in ("meta.json", "latest"))
+    looks for one: meta.json, a `latest` file, or step directories (resolve falls back to
+    them when `latest` is gone)."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if any(os.path.isfile(os.path.join(candidate, name)) for name in ("meta.json", "latest")):
+            return True
+        if os.path.isdir(candidate) and any(
+                name.startswith("step_") and not name.endswith(".partial")
+                and os.path.isfile(os.path.join(candidate, name, "meta.json"))
+                for name in os.listdir(candidate)):
+            return True
+    return False
 
 
 # --- resume ---------------------------------------------------------------------------------

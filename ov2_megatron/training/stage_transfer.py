@@ -4,6 +4,7 @@ With the default fixed sin-cos position table there is nothing to adapt: it is r
 for the new grid. A learned table is loaded at its stage-1 shape and resized (bicubic). Any
 other shape change (widths, depths, vocabulary) means the checkpoint is not this model's
 stage 1, and the load fails naming the tensor. The optimizer and LR schedule start fresh.
+The checkpoint is verified and read as tensors only, as on a resume (checkpoint.resolve).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 from megatron.core.utils import unwrap_model
 
 from ov2_megatron.models.vision_encoder import interpolate_pos_embed
-from ov2_megatron.training import checkpoint
+from ov2_megatron.training import checkpoint, safe_unpickle
 
 _RESIZABLE = "embedding.pos_embed"
 
@@ -24,6 +25,7 @@ def load_stage_weights(path: str, model: list, run) -> None:
         raise FileNotFoundError(
             f"train.init_from {path!r}: no checkpoint there (expected a run directory with "
             "checkpoints/latest, or a step directory): run stage 1 first or fix the path")
+    safe_unpickle.check_metadata(step_dir)  # resolve() checked it on rank 0; each rank reads it
     saved = load_tensors_metadata(step_dir)
     sharded = checkpoint.model_sharded_state(model)
     resized = []
