@@ -32,6 +32,11 @@
 #   OV2_MAX_RESTARTS    self-requeues allowed before a job gives up (default 50)
 #   OV2_MASTER_PORT     rendezvous port (default 20000 + job id % 20000)
 # Package settings passed through as they are: OV2_CACHE (tiny_cpu's synthetic data), NCCL_*.
+#
+# Nothing read from a file or the environment is ever evaluated by this shell: bash arithmetic
+# evaluates the text of a variable as an expression, so `a[$(cmd)]` in `(( x > 0 ))` runs
+# cmd. Every number (OV2_*, SLURM_*, checkpoints/latest) is checked to be decimal digits first
+# (ov2_check_env, ov2_uint), names by a pattern; paths and other values are passed on as data.
 
 # Environment variable -> ov2-train --set key, in the order they are applied.
 OV2_SET_KEYS=(
@@ -52,6 +57,57 @@ ov2_log() {
   printf '[ov2-launch %(%F %T)T] %s\n' -1 "$*"
 }
 
+# ov2_uint VALUE: true if VALUE is a plain decimal number, the only text arithmetic may see.
+ov2_uint() {
+  [[ $1 =~ ^[0-9]{1,18}$ ]]
+}
+
+# ov2_number NAME DEFAULT: print $NAME (or DEFAULT when unset/empty) as a decimal number
+# (leading zeros dropped, so arithmetic never reads it as octal); fail naming NAME otherwise.
+ov2_number() {
+  local value=${!1:-$2}
+  if ! ov2_uint "$value"; then
+    ov2_log "error: $1='$value' is not a number (decimal digits only)" >&2
+    return 2
+  fi
+  printf '%s\n' "$((10#$value))"
+}
+
+# Check the OV2_* settings that the launcher itself uses or that must be numbers or names
+# (paths and train values are passed to ov2-train as data, which validates them); exit 2
+# naming the first bad one. Run before anything uses them.
+ov2_check_env() {
+  local var
+  for var in OV2_STEPS OV2_TP OV2_PP OV2_VPP OV2_MICRO_BATCH OV2_MAX_RESTARTS OV2_MASTER_PORT; do
+    if [[ -n ${!var:-} ]] && ! ov2_uint "${!var}"; then
+      ov2_log "error: $var='${!var}' is not a number (decimal digits only)" >&2
+      exit 2
+    fi
+  done
+  if [[ -n ${OV2_STAGE:-} && ! $OV2_STAGE =~ ^[12]$ ]]; then
+    ov2_log "error: OV2_STAGE='$OV2_STAGE' must be 1 or 2" >&2
+    exit 2
+  fi
+  if [[ -n ${OV2_SP:-} && ! $OV2_SP =~ ^(true|false)$ ]]; then
+    ov2_log "error: OV2_SP='$OV2_SP' must be true or false" >&2
+    exit 2
+  fi
+  if [[ -n ${OV2_RECIPE:-} && ! $OV2_RECIPE =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]]; then
+    ov2_log "error: OV2_RECIPE='$OV2_RECIPE' is not a recipe name (letters, digits, _ . -)" >&2
+    exit 2
+  fi
+}
+
+# Print the checkpoint name in OV2_OUTPUT_DIR/checkpoints/latest ("step_" and digits) and
+# succeed, or fail (no file, or content that is not such a name: it is never evaluated).
+ov2_latest_checkpoint() {
+  local latest
+  latest=$(head -c 64 "$OV2_OUTPUT_DIR/checkpoints/latest" 2>/dev/null) || return 1
+  latest=${latest%$'\n'}
+  if [[ ! $latest =~ ^step_[0-9]{1,18}$ ]]; then return 1; fi
+  printf '%s\n' "$latest"
+}
+
 # OV2_ARGS=(ov2-train arguments): --recipe/--stage and --set pairs from OV2_* variables, then "$@".
 ov2_train_args() {
   local pair var
@@ -69,13 +125,17 @@ ov2_train_args() {
 # Sets OV2_DEVICE (for the banner) and exports what every rank inherits.
 ov2_runtime_env() {
   local tasks_per_node=$1 gpus=${SLURM_GPUS_ON_NODE:-} cpus
-  if [[ -z $gpus ]]; then
+  if ! ov2_uint "$tasks_per_node"; then
+    ov2_log "error: tasks per node '$tasks_per_node' is not a number" >&2
+    return 2
+  fi
+  if ! ov2_uint "$gpus"; then  # unset, or not a plain count (e.g. "2(x86)"): count them
     gpus=0
     if command -v nvidia-smi >/dev/null 2>&1; then
       gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     fi
   fi
-  if (( gpus > 0 )); then
+  if (( 10#$gpus > 0 )); then
     OV2_DEVICE="$gpus GPUs per node"
     # Megatron overlaps the tensor/sequence-parallel all-gather and reduce-scatter with the
     # neighbouring GEMMs. With one hardware work queue the GPU starts kernels in issue order,
@@ -92,22 +152,29 @@ ov2_runtime_env() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     # Site-specific fabric settings (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) come from the
     # submitting shell or the cluster's defaults; they are not guessed here.
-    if (( tasks_per_node != gpus )); then
+    if (( 10#$tasks_per_node != 10#$gpus )); then
       ov2_log "warning: $tasks_per_node tasks per node on $gpus GPUs; use one task per GPU"
     fi
   else
     OV2_DEVICE="CPU (gloo)"
-    cpus=${SLURM_CPUS_PER_TASK:-$(( $(nproc) / tasks_per_node ))}
+    if ov2_uint "${SLURM_CPUS_PER_TASK:-}"; then
+      cpus=$((10#$SLURM_CPUS_PER_TASK))
+    else
+      cpus=$(( $(nproc) / (10#$tasks_per_node > 0 ? 10#$tasks_per_node : 1) ))
+    fi
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus > 0 ? cpus : 1 ))}
   fi
 }
 
 # True when the run in OV2_OUTPUT_DIR has a checkpoint at its last step (config.json's steps).
+# Both numbers are checked to be digits before the comparison (never evaluated as text).
 ov2_run_finished() {
   local latest steps
-  latest=$(cat "$OV2_OUTPUT_DIR/checkpoints/latest" 2>/dev/null) || return 1
+  latest=$(ov2_latest_checkpoint) || return 1
   steps=$(grep -m 1 -o '"steps": [0-9]*' "$OV2_OUTPUT_DIR/config.json" 2>/dev/null) || return 1
-  (( 10#${latest#step_} >= ${steps##* } ))
+  steps=${steps##* }
+  if ! ov2_uint "$steps"; then return 1; fi
+  (( 10#${latest#step_} >= 10#$steps ))
 }
 
 # Signal handler of the batch shell: forward the signal once to the training ranks, which save
@@ -157,14 +224,16 @@ ov2_wait() {
 # `scancel --signal=USR1 --batch`) an unfinished run requeues itself; the next run of this
 # script (same job id, same OV2_OUTPUT_DIR) resumes from checkpoints/latest.
 ov2_end_run() {
-  local status=$1 restarts=${SLURM_RESTART_COUNT:-0}
+  local status=$1 restarts max_restarts
+  restarts=$(ov2_number SLURM_RESTART_COUNT 0) || exit 2
+  max_restarts=$(ov2_number OV2_MAX_RESTARTS 50) || exit 2
   if [[ $OV2_STOP == USR1 ]] && ! ov2_run_finished; then
-    if (( restarts >= ${OV2_MAX_RESTARTS:-50} )); then
+    if (( restarts >= max_restarts )); then
       ov2_log "not requeueing: $restarts restarts already (OV2_MAX_RESTARTS)"
       exit 1
     fi
     ov2_log "training exited with $status after SIGUSR1; latest checkpoint:" \
-      "$(cat "$OV2_OUTPUT_DIR/checkpoints/latest" 2>/dev/null || echo none)"
+      "$(ov2_latest_checkpoint || echo 'none (or not a step_N name)')"
     ov2_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from that checkpoint"
     # Slurm ends this run now and starts the script again once the job is eligible (after
     # the step credential lifetime, 120 s by default).
@@ -195,8 +264,12 @@ ov2_end_run() {
 # CUDA_VISIBLE_DEVICES), which keeps NVLink peer access between the ranks of a TP group.
 ov2_slurm_job() {
   : "${SLURM_JOB_ID:?submit with sbatch (one node without Slurm: launch/torchrun.sh)}"
-  local restarts=${SLURM_RESTART_COUNT:-0} hosts
+  local restarts job_id ntasks tasks_per_node hosts
   local -a container=()
+  ov2_check_env
+  restarts=$(ov2_number SLURM_RESTART_COUNT 0) || exit 2
+  job_id=$(ov2_number SLURM_JOB_ID "") || exit 2
+  ntasks=$(ov2_number SLURM_NTASKS "") || exit 2
   OV2_PYTHON=${OV2_PYTHON:-python3}
   OV2_STOP=""
 
@@ -206,14 +279,20 @@ ov2_slurm_job() {
   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   export MASTER_ADDR=${hosts[0]}
   # Derived from the job id: stable across requeues, distinct for jobs sharing a node.
-  export MASTER_PORT=${OV2_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  MASTER_PORT=$(ov2_number OV2_MASTER_PORT $((20000 + job_id % 20000))) || exit 2
+  export MASTER_PORT
 
   # Per-job run directory (absolute: containers and every node see the same path).
   OV2_OUTPUT_DIR=${OV2_OUTPUT_DIR:-runs/${OV2_RECIPE}-stage${OV2_STAGE:-1}-$SLURM_JOB_ID}
   if [[ $OV2_OUTPUT_DIR != /* ]]; then OV2_OUTPUT_DIR=$PWD/$OV2_OUTPUT_DIR; fi
   mkdir -p "$OV2_OUTPUT_DIR"
 
-  ov2_runtime_env "${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / ${#hosts[@]}))}"
+  if ov2_uint "${SLURM_NTASKS_PER_NODE:-}"; then  # "8(x2)" on uneven nodes: derive it
+    tasks_per_node=$((10#$SLURM_NTASKS_PER_NODE))
+  else
+    tasks_per_node=$((ntasks / ${#hosts[@]}))
+  fi
+  ov2_runtime_env "$tasks_per_node" || exit 2
   ov2_train_args "$@"
   if [[ -n ${OV2_CONTAINER_IMAGE:-} ]]; then
     container=(--container-image="$OV2_CONTAINER_IMAGE" --container-workdir="$PWD"
@@ -249,7 +328,7 @@ ov2_slurm_job() {
       | while IFS= read -r line; do ov2_log "preflight: $line"; done || true
   else
     ov2_log "requeued run (restart $restarts): resuming from $OV2_OUTPUT_DIR/checkpoints/latest" \
-      "($(cat "$OV2_OUTPUT_DIR/checkpoints/latest" 2>/dev/null || echo 'none: starting over'))"
+      "($(ov2_latest_checkpoint || echo 'none (or not a step_N name): starting over'))"
   fi
 
   ov2_log "launching training"

@@ -8,6 +8,22 @@
 # Ctrl-C, SIGTERM or SIGUSR1 to this script: the workers save a checkpoint at the end of the
 # current step and exit 0 (so does the script); rerun the same command to resume from
 # <train.output_dir>/checkpoints/latest.
+#
+# Plain `torchrun` (torch 2.13) instead of this script: each worker runs in its own session
+# (so Ctrl-C in a terminal reaches only the agent), and the agent
+#   - on SIGTERM, SIGINT, SIGHUP, SIGQUIT: sends that signal with killpg to every worker's
+#     process group, waits --shutdown-timeout / TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s), then
+#     SIGKILLs them, and exits 1 with a SignalException traceback even when every worker saved
+#     and exited 0. The workers checkpoint at the step end and exit 0 (their writer helper
+#     ignores the signal), so give the agent time for a step and a save;
+#   - on SIGUSR1: dies (exit 138), unless started with
+#     `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`, which makes it forward
+#     SIGUSR1 like SIGTERM;
+#   - on SIGKILL: dies.
+# A worker whose agent is gone (SIGUSR1, SIGKILL) notices within a second, checkpoints at the
+# step end and exits 0 (ov2_megatron/training/process_lifetime.py). The one way to stop a
+# plain-torchrun run with every process exiting 0 is to signal the workers (the agent's
+# children) yourself: `pkill -TERM -P <torchrun pid>`, which is what this script does.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -19,15 +35,16 @@ shift
 
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ov2_check_env
 ov2_runtime_env "$nproc"
 ov2_train_args "$@"
 # If torchrun itself is signalled (a whole process tree killed from outside), give the workers
 # time for a step and a save before its SIGKILL (default 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
-# The stop signal goes to the workers alone. torchrun would forward it with killpg to each
-# worker's process group, which also kills the helper processes a worker spawns (megatron's
-# checkpoint writer) and breaks the checkpoint; and a stop through torchrun exits non-zero.
+# The stop signal goes to the workers alone: torchrun would die on SIGUSR1, and forward
+# SIGTERM with killpg to each worker's whole process group (every helper a worker starts)
+# and then exit non-zero after a clean stop (see above).
 # shellcheck disable=SC2317  # reached from the traps below
 stop_workers() {
   if [[ -n $OV2_STOP ]]; then return; fi

@@ -153,6 +153,13 @@ def _device_capability():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not (args.dry_run or args.help_keys):
+        # Before torch and megatron are imported (seconds): from here on a stop signal sets
+        # the flag that the training loop checks (process_lifetime), instead of killing.
+        from ov2_megatron.training import process_lifetime
+
+        process_lifetime.install_stop_handlers()
+        process_lifetime.watch_launcher()
     quiet_upstream_notices()
     from ov2_megatron.recipes import get_recipe
     from ov2_megatron.training.run_config import apply_overrides
@@ -172,14 +179,32 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:  # OSError: a missing or unreadable shard
         print(f"ov2-train: configuration error: {error}", file=sys.stderr)
         return 2
-    from ov2_megatron.training.loop import train
+    if _stopped_before_start(world):
+        return 0
+    from ov2_megatron.training.loop import train  # torch, megatron: seconds
 
+    if _stopped_before_start(world):
+        return 0
     try:
         summary = train(run)
     except (ValueError, OSError) as error:
         print(f"ov2-train: error: {error}", file=sys.stderr)
         return 2
     return 0 if summary else 1
+
+
+def _stopped_before_start(world: int) -> bool:
+    """A single process signalled while it started has nothing to save: it ends here, exit 0.
+    Ranks of a larger run go on, agree at the first step end and checkpoint together (one
+    rank leaving before the process groups form would leave the others waiting for it)."""
+    from ov2_megatron.training import process_lifetime
+
+    signum = process_lifetime.stop_signal()
+    if signum is None or world != 1:
+        return False
+    print(f"ov2-train: {process_lifetime.signal_name(signum)} before training started: nothing "
+          "to save; stopped (rerun the same command to start)", file=sys.stderr, flush=True)
+    return True
 
 
 if __name__ == "__main__":
