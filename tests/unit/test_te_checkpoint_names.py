@@ -226,16 +226,11 @@ def test_distributed_checkpoints_load_across_specs_bitwise(distributed, src, dst
     assert result["status"] == "ok"
     assert result["changed"]  # the target started from other weights
     assert result["differs"] == []
-    if dst == "te":  # FP8 metadata moves between TE models; a local checkpoint has none
-        expected = FP8_METADATA if src == "te" else None
+    if dst == "te":
+        # FP8 metadata is never loaded from a checkpoint: TE unpickles its `_extra_state`, which
+        # could run code (issue #14), so TE modules keep fresh scaling history.
         for name, state in result["extra_state"].items():
-            assert (state is None if expected is None else torch.equal(state, expected)), name
-        received = set(result["extra_state"])
-        linears = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-        assert len({n for n in received if n.endswith(linears)}) == 4 * 6  # 3 + 3 layers
-        # the final norm's metadata only in a TE checkpoint; attention's in none (megatron)
-        assert ("decoder_layers.final_layernorm" in received) == (src == "te")
-        assert not any("core_attention" in n for n in received)
+            assert state is None, name
 
 
 def test_a_missing_weight_is_named(distributed):
