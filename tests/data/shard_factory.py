@@ -103,12 +103,7 @@ def write_raw_shard(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> s
     """Tar of KEY.EXT entries in the given order, plus its DALI index (via wds2idx)."""
     from wds2idx import IndexCreator
 
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, parts in samples:
-            for ext, payload in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_img2dataset_shard(path, samples)
     with IndexCreator(path, index_path_for(path), verbose=False) as creator:
         creator.create_index()
     return path
