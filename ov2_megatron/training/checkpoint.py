@@ -13,8 +13,10 @@ A failed save (a full disk: "no space left on device") removes it at once, on ev
 The last file written is `manifest.json` (checkpoint_manifest.py): every file's size and
 sha256, verified before a load; a damaged `latest` falls back to the newest checkpoint that
 verifies. Nothing is unpickled beyond tensors and plain data (safe_unpickle.py).
-The per-rank files assume the same layout: on another layout the weights are loaded and
-the optimizer restarts from them, and the resume says so.
+The per-rank files are read as they are on the same layout, and resharded on another
+data-parallel size (elastic_resume.py: each holds an index of the parameter pieces it has,
+and meta.json the coordinates of each rank); on another TP/PP layout the weights are loaded
+and the optimizer restarts from them, and the resume says so.
 
 Weights also move between the local and the Transformer Engine spec, both ways: their keys
 are the same (the local spec saves its norms under TE's fused names) except for TE's FP8
@@ -43,7 +45,7 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ov2_megatron.models.state_dict_adapter import is_extra_state, other_spec_name
-from ov2_megatron.training import checkpoint_manifest, safe_unpickle
+from ov2_megatron.training import checkpoint_manifest, elastic_resume, safe_unpickle
 from ov2_megatron.training.optimizer import inner_optimizers
 
 LATEST = "latest"
@@ -152,9 +154,10 @@ def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
         for message in writer_errors.messages:  # traceback.format_exception shows notes
             error.add_note(message)
     _fail_together(error, root, partial)
+    ranks = elastic_resume.all_coordinates()  # where each rank file sits in the layout
     if _rank() == 0:
         try:
-            meta = dict(meta, step=step, scheduler=scheduler.state_dict())
+            meta = dict(meta, step=step, scheduler=scheduler.state_dict(), ranks=ranks)
             with open(os.path.join(partial, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
             checkpoint_manifest.write(partial)  # last: a listed directory is a complete one
@@ -490,6 +493,20 @@ def load_rank_state(step_dir: str, optimizer) -> object:
     return state["data"]
 
 
+def load_resharded_state(step_dir: str, meta: dict, optimizer) -> list:
+    """Resume on another data-parallel size (elastic_resume.py): this rank's optimizer pieces
+    and RNG streams from the old ranks at its (tp, pp); returns every old replica's data
+    state. Each old optimizer state is vetted as in load_rank_state."""
+    if "ranks" not in meta:
+        raise ValueError(f"{step_dir}/meta.json has no rank coordinates (written before elastic "
+                         "resume): resume on the layout that wrote it")
+    files = elastic_resume.old_rank_files(step_dir, meta["ranks"])
+    states = elastic_resume.load_resharded(files, optimizer, _check_optimizer_state)
+    dp = elastic_resume.coordinates()[2]
+    _set_rng_state(states[dp % len(states)]["rng"])
+    return [state["data"] for state in states]
+
+
 def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) -> None:
     where = f"{path}: optimizer {index}"
     torch_state = saved.get("torch", {}) if isinstance(saved, dict) else {}
@@ -515,7 +532,8 @@ def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) 
 
 def _rank_state(optimizer, data_state) -> dict:
     optimizers = [dict(torch=opt.optimizer.state_dict(),
-                       main_params=[p.detach().clone() for p in _main_params(opt)])
+                       main_params=[p.detach().clone() for p in _main_params(opt)],
+                       index=elastic_resume.param_index(opt))
                   for opt in inner_optimizers(optimizer)]
     return dict(optimizers=optimizers, rng=_rng_state(), data=data_state)
 

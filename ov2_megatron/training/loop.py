@@ -9,8 +9,10 @@ Order of set-up (each step needs the previous one):
     run writes anything there;
  3. the synthetic dataset on first use and its checks (rank 0 builds it, the rest wait);
  4. this rank's model chunks -> GPU -> megatron DDP (grad buffers) -> distributed optimizer;
- 5. state: resume from the run's latest checkpoint, else stage-2 init from stage 1;
- 6. the data loader, positioned where the checkpoint left it.
+ 5. state: resume from the run's latest checkpoint (on another data-parallel size too:
+    elastic_resume.py), else stage-2 init from stage 1;
+ 6. the data loader, positioned where the checkpoint left it (replica_stream.py keeps the
+    data split of the first start).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from ov2_megatron.config import SequenceGeometry
+from ov2_megatron.data.replica_stream import ReplicaStream, stream_states
 from ov2_megatron.models import specs
 from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
-from ov2_megatron.training import (checkpoint, data_sources, evaluate, process_lifetime,
-                                   run_lock, stage_transfer)
+from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
+                                   process_lifetime, run_lock, stage_transfer)
 from ov2_megatron.training.metrics import MetricsLogger
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import RunConfig, validate_run, warmup_rule
@@ -147,17 +150,18 @@ def _train(run: RunConfig) -> dict:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(run.to_json())
     checkpoint.clean_partial(root)
-    start_step, data_state = _restore(run, model, optimizer, scheduler, geom)  # 5
-    from ov2_megatron.data.dali_pipeline import ImageCaptionLoader  # DALI only when training
-
+    start_step, data_states = _restore(run, model, optimizer, scheduler, geom)  # 5
     dp_rank, dp_size = checkpoint.data_parallel_info()
     micro_batches = t.global_batch // (t.micro_batch * dp_size)
-    if data_state is not None and not t.resume_data_stream:
-        data_state = None
+    if data_states is not None and not t.resume_data_stream:
+        data_states = None
         if rank0:
             print("train.resume_data_stream=false: the data stream starts fresh", flush=True)
-    loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
-                                batch_size=t.micro_batch, resume_state=data_state)  # 6
+    loader = ReplicaStream(run.data, replica=dp_rank, replicas=dp_size,
+                           micro_batch=t.micro_batch, global_batch=t.global_batch,
+                           saved=data_states)  # 6
+    if rank0 and not loader.passthrough:
+        print(loader.describe(), flush=True)
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
                          local_device())
     logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
@@ -230,6 +234,8 @@ def train_step(model, optimizer, scheduler, batches, geom, micro_batch: int):
 
 
 def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
+    """Weights, optimizer, RNG and schedule from the run's checkpoint, if any; returns the
+    step to start at and the saved data-stream states (None: a fresh stream)."""
     step_dir = checkpoint.resolve(run.train.output_dir)
     if step_dir is None:
         if run.train.init_from:
@@ -237,19 +243,34 @@ def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
         return 0, None
     meta = checkpoint.read_meta(step_dir)
     checkpoint.load_weights(step_dir, model)
-    same_layout = meta["layout"] == checkpoint.layout_signature(run.parallel, dist.get_world_size())
-    data_state = None
-    if same_layout:
-        data_state = checkpoint.load_rank_state(step_dir, optimizer)
-        scheduler.load_state_dict(meta["scheduler"])
-    elif dist.get_rank() == 0:
-        print(f"resuming {step_dir} under a new layout ({meta['layout']} -> "
-              f"{checkpoint.layout_signature(run.parallel, dist.get_world_size())}): weights "
-              "loaded; optimizer moments, LR schedule position and data position restart",
-              flush=True)
-    if not same_layout:
+    saved, layout = meta["layout"], checkpoint.layout_signature(run.parallel,
+                                                                 dist.get_world_size())
+    rank0 = dist.get_rank() == 0
+    if saved == layout:
+        data_states = stream_states(checkpoint.load_rank_state(step_dir, optimizer))
+    elif elastic_resume.reshardable(saved, layout) and "ranks" in meta:
+        data_states = [stream for state in checkpoint.load_resharded_state(step_dir, meta,
+                                                                           optimizer)
+                       for stream in stream_states(state)]
+        if rank0:
+            print(f"resuming {step_dir} on data-parallel size {_dp_size(saved)} -> "
+                  f"{_dp_size(layout)}: optimizer state resharded, LR schedule and data "
+                  "position carried over", flush=True)
+    else:
+        if rank0:
+            print(f"resuming {step_dir} under a new layout ({saved} -> {layout}): weights "
+                  "loaded; optimizer moments, LR schedule position and data position restart "
+                  "(only the data-parallel size may change with the optimizer state kept, in "
+                  "checkpoints that list their ranks' coordinates)",
+                  flush=True)
         scheduler.step(increment=meta["step"])  # keep the LR schedule on time
-    return meta["step"], data_state
+        return meta["step"], None
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["step"], data_states
+
+
+def _dp_size(layout: dict) -> int:
+    return layout["world_size"] // (layout["tensor"] * layout["pipeline"])
 
 
 def _memory_gb() -> float:
