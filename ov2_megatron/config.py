@@ -93,6 +93,11 @@ class DecoderConfig:
     gelu_approximate: str = "tanh"
     """GELU of the decoder MLP: 'tanh', as the official decoder (flax `nn.gelu`'s default
     approximation), or 'none' (exact erf)."""
+    loss_kernel: str = "chunked"
+    """How the head computes its loss: 'chunked' (kernels/linear_cross_entropy.py: the
+    vocab-parallel linear + cross-entropy in token chunks, Triton on CUDA, never holding the
+    [tokens, vocab] logits) or 'plain' (megatron's head, fp32 logits, vocab_parallel_cross_entropy).
+    The same loss and gradients; the plain head's logits dominate memory at vocab 32k."""
 
     def shape(self) -> TransformerShape:
         base = decoder_shape(self.variant)
@@ -147,6 +152,10 @@ class SequenceGeometry:
     def padding(self, tokens: int) -> int:
         """Trailing padding positions that align a sequence of `tokens` real positions."""
         return -tokens % self.alignment
+
+    def padded(self, tokens: int) -> int:
+        """Length of a sequence of `tokens` real positions after alignment padding."""
+        return tokens + self.padding(tokens)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -230,6 +239,8 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
                               ("decoder", decoder.gelu_approximate)):
         _check(approximate in ("none", "tanh"),
                f"{name}.gelu_approximate {approximate!r}: use 'none' (exact) or 'tanh'")
+    _check(decoder.loss_kernel in ("chunked", "plain"),
+           f"decoder.loss_kernel {decoder.loss_kernel!r}: use 'chunked' or 'plain'")
     _check(decoder.pos_embed in ("none", "learned"),
            f"decoder.pos_embed {decoder.pos_embed!r}: use 'none' or 'learned'")
     _check(decoder.caption_length >= 4,
@@ -286,16 +297,19 @@ PARALLEL_MINIMUMS = {
 }
 
 
-def check_minimums(prefix: str, config, minimums: dict[str, tuple[int, str]]) -> None:
-    """Raise ValueError naming `prefix.field` when an integer field is below its minimum (or not
-    an integer); None passes where the field's type allows it (an optional override)."""
+def check_minimums(prefix: str, config, minimums: dict[str, tuple[int, str]],
+                   label: str | None = None) -> None:
+    """Raise ValueError naming `label.field` (default `prefix.field`) and the `--set
+    prefix.field=N` fix when an integer field is below its minimum (or not an integer); None
+    passes where the field's type allows it (an optional override)."""
     optional = {f.name for f in dataclasses.fields(config) if "None" in str(f.type)}
+    label = prefix if label is None else label
     for name, (low, meaning) in minimums.items():
         value = getattr(config, name)
         if value is None and name in optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{prefix}.{name} {value!r} must be >= {low} (an integer: "
+            raise ValueError(f"{label}.{name} {value!r} must be >= {low} (an integer: "
                              f"{meaning}): --set {prefix}.{name}=N with N >= {low}")
 
 

@@ -28,23 +28,17 @@ quiet_upstream_notices()  # module level: spawned ranks import this file too
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir, its checkpoints/ dir, or a step dir (any TP/PP)")
+    from ov2_megatron.conversion import checkpoint_tool_parser
+
+    parser = checkpoint_tool_parser(__doc__, "run dir, its checkpoints/ dir, or a step dir "
+                                    "(any TP/PP)", batch_size=8)
     parser.add_argument("--images", nargs="+", required=True,
                         help="image files and/or directories (searched recursively)")
     parser.add_argument("--decoder", help="exported decoder directory (default: the "
                                           "checkpoint's own decoder)")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy, default)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resize", choices=("squash", "shortest"), default="squash",
-                        help="evaluation resize (ov2_megatron/data/preprocess.py)")
     parser.add_argument("--tokenizer", help="SentencePiece .model (default: the run's)")
     parser.add_argument("--output", help="FILE.jsonl to write the captions to")
-    parser.add_argument("--config", help="run config.json (default: the run dir's)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return parser
 
 
@@ -89,11 +83,9 @@ def caption_images(args) -> list[dict]:
 
     if args.batch_size < 1:
         raise ConversionError(f"--batch-size {args.batch_size} must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     paths = image_paths(args.images)
-    step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
-    chunk, geom = megatron_checkpoint.load_model(step_dir, run, device)
-    chunk.float()
+    step_dir, run, chunk, geom, device = megatron_checkpoint.load_for_inference(
+        args.checkpoint, args.config, args.device)
     if args.decoder:
         decoder = caption_decoder_export.load(args.decoder)
     else:
@@ -127,9 +119,9 @@ def caption_images(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cpu":  # before torch starts: megatron's set-up would pick NCCL on a GPU box
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from ov2_megatron.conversion import ConversionError
+    from ov2_megatron.conversion import ConversionError, pin_device
+
+    pin_device(args.device)
     from ov2_megatron.conversion.atomic_output import staged_file
 
     try:

@@ -18,7 +18,6 @@ when there is one (--device to choose).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ov2_megatron.upstream_warnings import quiet_upstream_notices
@@ -26,13 +25,10 @@ quiet_upstream_notices()  # module level: spawned ranks import this file too
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ov2_megatron.data.preprocess import RESIZE_MODES
+    from ov2_megatron.conversion import checkpoint_tool_parser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="run dir, its checkpoints/ dir, or a step dir")
+    parser = checkpoint_tool_parser(__doc__, "run dir, its checkpoints/ dir, or a step dir",
+                                    batch_size=32)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="directory of images (searched recursively)")
     source.add_argument("--shards", help="webdataset shards: glob, directory or comma list")
@@ -40,35 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="FILE.npy or FILE.safetensors")
     parser.add_argument("--features", choices=("patch", "pooled"), default="patch",
                         help="what a .npy output holds (default: patch tokens)")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int,
                         help="preprocessing resolution (default: the model's vision.image_size)")
-    parser.add_argument("--resize", choices=RESIZE_MODES, default="squash",
-                        help="squash (default: bilinear to the square size, what the released "
-                             "OpenVision checkpoints declare) or shortest (shorter side, then "
-                             "the centre crop: the official big_vision evaluation)")
-    parser.add_argument("--config", help="run config.json (default: the run dir's)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cpu":  # before torch starts: megatron's set-up would pick NCCL on a GPU box
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import torch
+    from ov2_megatron.conversion import pin_device
 
+    pin_device(args.device)
     from ov2_megatron.conversion import ConversionError, feature_extraction, megatron_checkpoint
     from ov2_megatron.data import preprocess
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.batch_size < 1:
             raise ConversionError(f"--batch-size {args.batch_size} must be >= 1")
-        step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
-        chunk, _ = megatron_checkpoint.load_model(step_dir, run, device)
-        chunk.float()
+        step_dir, run, chunk, _, device = megatron_checkpoint.load_for_inference(
+            args.checkpoint, args.config, args.device)
         transform = preprocess.from_run(run, args.image_size, args.resize)
         if args.pixels:
             source = feature_extraction.pixel_source(args.pixels, run.model.vision.in_channels)

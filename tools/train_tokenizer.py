@@ -20,10 +20,10 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ov2_megatron.data.captions import candidates_in, missing_caption_hint  # noqa: E402
+from ov2_megatron.data.captions import candidates_in  # noqa: E402
 from ov2_megatron.data.config import resolve_shard_spec  # noqa: E402
 from ov2_megatron.data.sample_checks import Issue  # noqa: E402
-from ov2_megatron.data.shards import iter_shard  # noqa: E402
+from ov2_megatron.data.shards import iter_shards_checked  # noqa: E402
 from ov2_megatron.recipes import vocab_rule  # noqa: E402
 from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 
@@ -31,21 +31,13 @@ from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noq
 def shard_captions(shards: list[str], caption_key: str = ""):
     """Captions of `shards`; raises ValueError (one line, naming the shard and the fix) when
     the first sample shows the caption option does not fit the shards."""
-    checked = False
-    for shard in shards:
-        for sample in iter_shard(shard, with_images=False):
-            if not checked:
-                hint = missing_caption_hint(f"shard {shard} sample {sample.key}",
-                                            sample.has_txt, sample.meta, caption_key)
-                if hint:
-                    raise ValueError(hint)
-                checked = True
-            if not caption_key:
-                yield sample.caption
-                continue
-            issue, found = candidates_in(sample.meta, caption_key)
-            if issue == Issue.OK:
-                yield from found
+    for _, sample in iter_shards_checked(shards, caption_key, with_images=False):
+        if not caption_key:
+            yield sample.caption
+            continue
+        issue, found = candidates_in(sample.meta, caption_key)
+        if issue == Issue.OK:
+            yield from found
 
 
 def main(argv: list[str] | None = None) -> int:

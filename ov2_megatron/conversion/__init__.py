@@ -24,6 +24,40 @@ None of timm, transformers or open_clip is imported: the files are written in th
 and the tests load them with the real packages (tests/conversion/).
 """
 
+from __future__ import annotations
+
+import argparse
+import os
+
 
 class ConversionError(Exception):
     """A checkpoint that cannot be converted; the message names the file or tensor and why."""
+
+
+def checkpoint_tool_parser(doc: str, checkpoint_help: str,
+                           batch_size: int) -> argparse.ArgumentParser:
+    """The options of the tools that run a checkpoint's model (caption.py, extract_features.py):
+    --checkpoint, --config, --device, --batch-size and --resize, with the tool's docstring `doc`
+    as description and epilog. Imports no torch: the parser runs before `pin_device`."""
+    from ov2_megatron.data.preprocess import RESIZE_MODES
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--config", help="run config.json (default: the run dir's)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="squash",
+                        help="evaluation resize (ov2_megatron/data/preprocess.py): squash "
+                             "(default: bilinear to the square size, what the released "
+                             "OpenVision checkpoints declare) or shortest (shorter side, then "
+                             "the centre crop: the official big_vision evaluation)")
+    return parser
+
+
+def pin_device(device: str | None) -> None:
+    """Hide the GPUs for --device cpu. Call before torch starts: megatron's set-up would pick
+    NCCL on a GPU box."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""

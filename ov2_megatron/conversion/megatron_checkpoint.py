@@ -208,6 +208,16 @@ def load_model(step_dir: str, run: RunConfig, device: str = "cpu"):
     return chunk.eval(), geom
 
 
+def load_for_inference(checkpoint: str, config_path: str | None, device: str | None):
+    """The model of `checkpoint` (any TP/PP) as one float32 eval chunk on `device` (default:
+    cuda when available), for the tools that run it. Returns (step_dir, run, chunk, geometry,
+    device)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    step_dir, run = locate(checkpoint, config_path)
+    chunk, geom = load_model(step_dir, run, device)
+    return step_dir, run, chunk.float(), geom, device
+
+
 def read_standard(step_dir: str,
                   run: RunConfig) -> tuple[dict[str, torch.Tensor], SequenceGeometry]:
     """The checkpoint as a standard state dict (fp32, full tensors, vocabulary unpadded)."""

@@ -14,6 +14,8 @@ import os
 import tarfile
 from dataclasses import dataclass
 
+from ov2_megatron.config import check_minimums
+
 # ImageNet's normalisation constants: what the official OpenVision 2 recipe trains with
 # (big_vision's `vgg_value_range`).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -193,11 +195,7 @@ class DataConfig:
                                  "RGB channel (3)")
         if min(self.std) <= 0:
             raise ValueError(f"DataConfig.std {self.std} has a non-positive entry: use > 0")
-        for name, (low, meaning) in _MINIMUMS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"DataConfig.{name} {value!r} must be >= {low} (an integer: "
-                                 f"{meaning}): --set data.{name}=N with N >= {low}")
+        check_minimums("data", self, _MINIMUMS, label="DataConfig")
 
     def resolve_shards(self, spec: str | list | None = None) -> list[str]:
         """Concrete shard paths of `spec` (default: train_shards; a mixture's sources one after

@@ -20,15 +20,14 @@ import json
 import multiprocessing
 import os
 import shutil
-import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ov2_megatron.data.captions import candidates_in, missing_caption_hint
+from ov2_megatron.data.captions import candidates_in
 from ov2_megatron.data.sample_checks import Issue, check_caption, inspect_image
-from ov2_megatron.data.shards import Sample, ShardWriter, iter_shard
+from ov2_megatron.data.shards import Sample, ShardWriter, iter_shards_checked
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img", "jpg")
@@ -155,22 +154,9 @@ def _tars_in(root: str) -> list[str]:
 
 
 def _iter_shards(tars: list[str], caption_key: str) -> Iterator[RawSample]:
-    """Samples of existing webdataset shards. The first sample's caption is checked against
-    `caption_key`: a wrong option is one clear error, not a skip report of every sample."""
-    checked = False
-    for tar in tars:
-        try:
-            for sample in iter_shard(tar):
-                if not checked:
-                    hint = missing_caption_hint(f"shard {tar} sample {sample.key}",
-                                                sample.has_txt, sample.meta, caption_key)
-                    if hint:
-                        raise ValueError(hint)
-                    checked = True
-                yield _shard_raw_sample(tar, sample, caption_key)
-        except tarfile.TarError as err:
-            raise ValueError(f"shard {tar} is not a readable tar ({err}): remove it from the "
-                             "input or re-download it") from None
+    """Samples of existing webdataset shards (caption option checked on the first sample)."""
+    for tar, sample in iter_shards_checked(tars, caption_key):
+        yield _shard_raw_sample(tar, sample, caption_key)
 
 
 def _shard_raw_sample(tar: str, sample: Sample, caption_key: str) -> RawSample:

@@ -20,6 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ov2_megatron.data.captions import missing_caption_hint
 from ov2_megatron.data.config import index_path_for
 
 INDEX_VERSION = "v1.2"
@@ -146,6 +147,27 @@ def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
             yield _to_sample(key, current)
 
 
+def iter_shards_checked(paths: list[str], caption_key: str = "",
+                        with_images: bool = True) -> Iterator[tuple[str, Sample]]:
+    """(shard path, sample) over `paths` in order. The first sample's caption is checked
+    against `caption_key`: a wrong option is one clear ValueError naming the shard and the
+    fix, not a skip report of every sample. An unreadable tar is a ValueError naming it."""
+    checked = False
+    for path in paths:
+        try:
+            for sample in iter_shard(path, with_images):
+                if not checked:
+                    hint = missing_caption_hint(f"shard {path} sample {sample.key}",
+                                                sample.has_txt, sample.meta, caption_key)
+                    if hint:
+                        raise ValueError(hint)
+                    checked = True
+                yield path, sample
+        except tarfile.TarError as err:
+            raise ValueError(f"shard {path} is not a readable tar ({err}): remove it from the "
+                             "input or re-download it") from None
+
+
 def _to_sample(key: str, parts: dict[str, bytes]) -> Sample:
     try:
         meta = json.loads(parts["json"]) if "json" in parts else None
@@ -174,4 +196,5 @@ def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-__all__ = ["Sample", "ShardWriter", "iter_shard", "read_index", "SHARD_PATTERN", "INDEX_VERSION"]
+__all__ = ["Sample", "ShardWriter", "iter_shard", "iter_shards_checked", "read_index",
+           "SHARD_PATTERN", "INDEX_VERSION"]

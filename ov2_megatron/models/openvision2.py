@@ -114,8 +114,7 @@ class OpenVision2(MegatronModule):
         if not self.prefix_mask:
             return None
         k = num_image
-        real = k + self.geom.text_len
-        s = real + self.geom.padding(real)
+        s = self.geom.padded(k + self.geom.text_len)
         masked = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)  # True = hidden
         masked[:k, :k] = False
         return masked.view(1, 1, s, s)
@@ -149,8 +148,7 @@ class OpenVision2(MegatronModule):
 
         x = self.embedding(images, any_resolution=True)  # [s(/tp), b, w]
         real = self.embedding.real_tokens(images)
-        seq = real + self.geom.padding(real)
-        x = self.vision_layers(x, attention_mask=self._vit_mask(real, seq, x))
+        x = self.vision_layers(x, attention_mask=self._vit_mask(real, self.geom.padded(real), x))
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(
                 x, tensor_parallel_output_grad=False)

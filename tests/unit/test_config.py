@@ -29,6 +29,7 @@ def test_sequence_parallel_alignment_pads_positions_not_parameters():
     assert (geom.vit_tokens, geom.vit_seq, geom.num_registers) == (37, 40, 0)  # 1 + 36 -> 40
     assert (geom.num_kept, geom.decoder_tokens, geom.decoder_seq) == (12, 139, 140)
     assert geom.padding(139) == 1 and geom.padding(140) == 0
+    assert geom.padded(geom.vit_tokens) == geom.vit_seq and geom.padded(140) == 140
     assert len(geom.notes) == 2 and "37 -> 40" in geom.notes[0] and "139 -> 140" in geom.notes[1]
 
 
