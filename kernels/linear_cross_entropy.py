@@ -85,17 +85,29 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab_start: int | None = None,
+    return_hits: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """As linear_cross_entropy, with the head split along v over `group` (megatron's layout:
     rank r holds vocab rows [r * v_r, (r + 1) * v_r)). hidden and labels are replicated over the
-    group; the returned loss is the full-vocabulary loss on every rank. group=None: no split."""
+    group; the returned loss is the full-vocabulary loss on every rank. group=None: no split.
+
+    `vocab_start`: the first vocabulary id of `weight_shard` (default rank * v_r), for a shard
+    cut short: a head padded past the real vocabulary passes only its real rows, which keeps
+    the padding out of the softmax as -inf logits would (a shard may then have none).
+    `return_hits`: also return hits [t] bool, whether the label's logit is the row's maximum
+    (a plain argmax, except that ties count as hits), False at ignore_index."""
     if hidden.dim() != 2 or weight_shard.dim() != 2 or hidden.shape[1] != weight_shard.shape[1]:
         raise ValueError(f"want hidden [t, d] and weight [v, d], got {tuple(hidden.shape)}, {tuple(weight_shard.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [t] with t = {hidden.shape[0]}")
     ops = _TritonChunkOps if use_triton(backend, hidden, weight_shard) else _TorchChunkOps
-    chunk = chunk_size or max(1, CHUNK_BYTES // (4 * weight_shard.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight_shard, labels, ignore_index, chunk, group, ops)
+    chunk = chunk_size or max(1, CHUNK_BYTES // (4 * max(weight_shard.shape[0], 1)))
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * weight_shard.shape[0] if group is not None else 0
+    loss, num_valid, hits = _LinearCrossEntropy.apply(hidden, weight_shard, labels, ignore_index,
+                                                      chunk, group, ops, vocab_start)
+    return (loss, num_valid, hits) if return_hits else (loss, num_valid)
 
 
 class _TorchChunkOps:
@@ -138,13 +150,14 @@ class _TritonChunkOps:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk, group, ops):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk, group, ops, vocab_start):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         t, v = hidden.shape[0], weight.shape[0]
-        vocab_start = dist.get_rank(group) * v if group is not None else 0
         local = labels.to(torch.int64) - vocab_start  # [t]; other shards' labels fall outside [0, v)
         row_max, sumexp, target = (torch.empty(t, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        for lo in range(0, t, chunk):
+        if v == 0:  # a shard of vocabulary padding only: it adds nothing to the softmax
+            row_max.fill_(float("-inf")), sumexp.zero_(), target.zero_()
+        for lo in range(0, t if v else 0, chunk):
             hi = min(lo + chunk, t)
             logits = hidden[lo:hi] @ weight.t()  # [c, v], the only vocab-sized tensor alive
             ops.stats(logits, local[lo:hi], row_max[lo:hi], sumexp[lo:hi], target[lo:hi])
@@ -160,22 +173,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index
         loss = torch.where(valid, lse - target, 0.0)
         num_valid = valid.sum()
+        hits = valid & (target >= row_max)  # the owning shard's target is the picked logit
         ctx.save_for_backward(hidden, weight, local, lse, valid)
         ctx.chunk, ctx.group, ctx.ops = chunk, group, ops
-        ctx.mark_non_differentiable(num_valid)
-        return loss, num_valid
+        ctx.mark_non_differentiable(num_valid, hits)
+        return loss, num_valid, hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_num_valid):
+    def backward(ctx, grad_loss, _grad_num_valid, _grad_hits):
         hidden, weight, local, lse, valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = torch.where(valid, grad_loss.float(), 0.0)  # [t]; PAD tokens get no gradient
-        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_hidden = torch.zeros_like(hidden) if need_h and not weight.shape[0] else \
+            torch.empty_like(hidden) if need_h else None
         # Low-precision weights accumulate over chunks in fp32, like megatron's main_grad:
         # t/c bf16 roundings of the accumulator would cost ~1% relative error at t = 16k.
         acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        for lo in range(0, hidden.shape[0], ctx.chunk):
+        for lo in range(0, hidden.shape[0] if weight.shape[0] else 0, ctx.chunk):
             hi = min(lo + ctx.chunk, hidden.shape[0])
             h = hidden[lo:hi]  # [c, d]
             dlogits = ctx.ops.grad_(h @ weight.t(), local[lo:hi], lse[lo:hi], g[lo:hi])  # [c, v]
@@ -191,4 +206,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(grad_hidden, group=ctx.group)
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None

@@ -8,6 +8,7 @@
     python tools/bench.py --merge runs/bench                                    # one table
     python tools/bench.py --vs-reference                                        # megatron / twin
     python tools/bench.py --ov1-vs-ov2                                          # OV1 / OV2 cost
+    python tools/bench.py --loss-kernels                                        # plain / chunked head
 
 Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchmark.py says
 what is measured and how), plus its time to first step (`time_to_first_step_s`: from this
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     mode.add_argument("--merge", metavar="DIR", help="merge result JSONs into DIR/results.md")
     mode.add_argument("--vs-reference", action="store_true",
                       help="megatron training step vs the pure-PyTorch twin (CPU, TP=1)")
+    mode.add_argument("--loss-kernels", action="store_true",
+                      help="plain vs chunked caption loss at vit_l14's decoder width and vocab")
     mode.add_argument("--ov1-vs-ov2", action="store_true",
                       help="OpenVision 1 objective vs OpenVision 2, same encoder and batch")
     parser.add_argument("--recipe", default=None, help="recipe name (ov2_megatron/recipes.py)")
@@ -178,7 +181,7 @@ def sweep(args) -> int:
 
 
 def vs_reference(args) -> int:
-    from ov2_megatron.perf.side_by_side import megatron_vs_reference
+    from tools.vs_reference import megatron_vs_reference
 
     run = _run_config(args, "tiny_cpu")
     if not any(o.startswith("train.global_batch=") for o in args.overrides):
@@ -197,25 +200,50 @@ def vs_reference(args) -> int:
     return 0
 
 
-def ov1_vs_ov2(args) -> int:
-    from ov2_megatron.perf.side_by_side import ov1_vs_ov2 as compare
-    from ov2_megatron.perf.side_by_side import scaled_l14
+def _model_comparison(args, compare, model, micro_batch: int) -> dict:
+    """`compare(model, micro_batch, ...)` after the --set overrides; writes and prints it."""
     from ov2_megatron.training.run_config import RunConfig, TrainConfig, apply_overrides
 
-    run = apply_overrides(RunConfig(model=scaled_l14(), train=TrainConfig(micro_batch=16)),
+    run = apply_overrides(RunConfig(model=model, train=TrainConfig(micro_batch=micro_batch)),
                           args.overrides)
     result = compare(run.model, run.train.micro_batch, rounds=args.rounds,
                      measure_memory=not args.no_memory)
     result["command"] = " ".join(["python", *sys.argv])
     _write(args.json, result)
-    t = result["time_s"]
     print(json.dumps({k: v for k, v in result.items() if k not in ("times_s", "losses")}))
+    return result
+
+
+def ov1_vs_ov2(args) -> int:
+    from ov2_megatron.perf.side_by_side import ov1_vs_ov2 as compare
+    from ov2_megatron.perf.side_by_side import scaled_l14
+
+    result = _model_comparison(args, compare, scaled_l14(), micro_batch=16)
+    t = result["time_s"]
     line = (f"OV1 {t['ov1'] * 1e3:.0f} ms / OV2 {t['ov2'] * 1e3:.0f} ms per step: time "
             f"{result['time_ratio']:.2f}x (paper 1.5x)")
     if "memory_ratio" in result:
         mem = result["memory_bytes"]
         line += (f"; peak memory {mem['ov1'] / 2**20:.0f} / {mem['ov2'] / 2**20:.0f} MiB: "
                  f"{result['memory_ratio']:.2f}x (paper 1.8x)")
+    print(line)
+    return 0
+
+
+def loss_kernels(args) -> int:
+    from ov2_megatron.perf.side_by_side import l14_decoder_at_vocab_32k
+    from ov2_megatron.perf.side_by_side import loss_kernels as compare
+
+    result = _model_comparison(args, compare, l14_decoder_at_vocab_32k(), micro_batch=8)
+    t = result["time_s"]
+    line = (f"caption loss plain {t['plain'] * 1e3:.0f} ms / chunked {t['chunked'] * 1e3:.0f} ms"
+            f" per step: chunked/plain time {result['time_ratio']:.2f}x")
+    if "memory_ratio" in result:
+        mem, head = result["memory_bytes"], result["head_bytes"]
+        line += (f"; peak {mem['plain'] / 2**20:.0f} / {mem['chunked'] / 2**20:.0f} MiB "
+                 f"({result['memory_ratio']:.2f}x); head's share {head['plain'] / 2**20:.0f} / "
+                 f"{head['chunked'] / 2**20:.0f} MiB ({result['head_memory_ratio']:.1f}x, goal "
+                 ">= 4x)")
     print(line)
     return 0
 
@@ -231,7 +259,7 @@ def main(argv=None) -> int:
         return 0
     if args.sweep and args.index is None:
         return sweep(args)
-    if not (args.vs_reference or args.ov1_vs_ov2):
+    if not (args.vs_reference or args.ov1_vs_ov2 or args.loss_kernels):
         _restart_pinned_on_cpu()
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a lone process
@@ -242,6 +270,8 @@ def main(argv=None) -> int:
             return vs_reference(args)
         if args.ov1_vs_ov2:
             return ov1_vs_ov2(args)
+        if args.loss_kernels:
+            return loss_kernels(args)
         return bench(args)
     except ValueError as error:
         print(f"bench.py: {error}", file=sys.stderr)

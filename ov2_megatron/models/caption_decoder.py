@@ -16,6 +16,9 @@ Tensor-parallel reasoning (why each collective is where it is):
 - The head is vocab-parallel; it only sees text positions, so under SP we all-gather the
   hidden states, slice off the image positions and run the head with SP off (its backward
   all-reduces the input gradient, so the gather's backward again only splits).
+- The chunked loss (decoder.loss_kernel, the default) takes the head's weight shard and does
+  the same: three all-reduces of [t*b] partial softmax sums in forward, the input gradient's
+  all-reduce in backward, and never more than one [chunk, v/tp] block of logits.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from kernels.linear_cross_entropy import vocab_parallel_linear_cross_entropy
 from ov2_megatron.config import DecoderConfig, SequenceGeometry
 from ov2_megatron.models.token_drop import gather_kept
 
@@ -78,6 +82,7 @@ class CaptionHead(MegatronModule):
     def __init__(self, config: TransformerConfig, decoder: DecoderConfig, geom: SequenceGeometry):
         super().__init__(config=config)
         self.geom, self.pad_id, self.vocab_size = geom, decoder.pad_id, decoder.vocab_size
+        self.loss_kernel = decoder.loss_kernel
         head_config = copy.copy(config)
         head_config.sequence_parallel = False  # we gather and slice before the head
         self.head = tensor_parallel.ColumnParallelLinear(
@@ -86,11 +91,15 @@ class CaptionHead(MegatronModule):
 
     def logits(self, hidden: torch.Tensor, num_image: int) -> torch.Tensor:
         """[s_dec(/tp), b, d] -> vocab-parallel logits at text positions [t, b, v/tp]."""
+        logits, _ = self.head(self._text_hidden(hidden, num_image))
+        return self._mask_vocab_padding(logits)
+
+    def _text_hidden(self, hidden: torch.Tensor, num_image: int) -> torch.Tensor:
+        """[s_dec(/tp), b, d] -> the text positions [t, b, d], whole on every TP rank."""
         if self.config.sequence_parallel:
             hidden = mappings.gather_from_sequence_parallel_region(
                 hidden, tensor_parallel_output_grad=False)  # [s_dec, b, d]
-        logits, _ = self.head(hidden[num_image:num_image + self.geom.text_len])
-        return self._mask_vocab_padding(logits)
+        return hidden[num_image:num_image + self.geom.text_len]
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padding rows of the vocabulary (added for even TP shards) can never be predicted:
@@ -106,14 +115,33 @@ class CaptionHead(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor,
                 num_image: int) -> dict[str, torch.Tensor]:
-        logits = self.logits(hidden, num_image).float()  # [t, b, v/tp]
         labels = tokens[:, 1:].t().contiguous()  # [t, b]
+        if self.loss_kernel == "chunked":
+            return self._chunked_loss(hidden, labels, num_image)
+        logits = self.logits(hidden, num_image).float()  # [t, b, v/tp]
         token_loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [t, b]
         mask = labels != self.pad_id
         with torch.no_grad():
             correct = (vocab_parallel_argmax(logits) == labels) & mask
         return dict(loss_sum=(token_loss * mask).sum(), num_tokens=mask.sum(),
                     correct=correct.sum())
+
+    def _chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                      num_image: int) -> dict[str, torch.Tensor]:
+        """The plain head's loss and metrics from the weight shard's real vocabulary rows
+        (the padding rows the plain head masks to -inf are left out), chunk by chunk."""
+        from megatron.core import parallel_state
+
+        text = self._text_hidden(hidden, num_image)  # [t, b, d]
+        weight = self.head.weight  # [v/tp, d], rows [start, start + v/tp) of the vocabulary
+        start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+        real = max(0, min(weight.shape[0], self.vocab_size - start))
+        group = parallel_state.get_tensor_model_parallel_group() \
+            if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+        loss, num_tokens, hits = vocab_parallel_linear_cross_entropy(
+            text.reshape(-1, text.shape[-1]), weight[:real], labels.reshape(-1), group,
+            ignore_index=self.pad_id, vocab_start=start, return_hits=True)  # [t*b] each
+        return dict(loss_sum=loss.sum(), num_tokens=num_tokens, correct=hits.sum())
 
 
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,16 @@ sequence s_v = prefix + N patches; decoder width d, MLP m_d, sequence s_d = K + 
     projection           2 * K * w * d
     each decoder layer   the same with (s_d, d, m_d); the causal mask is not exploited, so
                          the full s_d^2 is counted (as executed by the kernels here)
-    head                 2 * T * d * V (text positions only; padded vocabulary)
+    head                 2 * T * d * V (text positions only; V the padded vocabulary for the
+                         plain head, the real one for the chunked loss, which skips padding)
 The forward F is the sum. Backward: every matmul y = x W needs dx = dy W^T and dW = x^T dy,
 twice its forward, except the patch embedding, whose input (pixels) needs no gradient: it
 pays only dW. So one training step costs 3F - embed ("model FLOPs", the MFU basis).
 Recomputation re-runs forwards inside the transformer blocks during backward (hardware
 FLOPs, not model FLOPs): 'full' adds every layer's forward, 'selective' (megatron recomputes
 the core attention) adds the 4 s^2 h score/value matmuls of every layer. The embedding,
-projection and head sit outside the blocks and are never recomputed.
+projection and head sit outside the blocks and are never recomputed by megatron; the chunked
+caption loss (decoder.loss_kernel) recomputes the head's logits in backward, +1 head forward.
 Norms, softmax, GELU and the loss are O(s h) and left out (<1%); tests/perf checks the total
 against torch.utils.flop_counter on the real megatron model within 2%. Sequence lengths are
 the real tokens: alignment padding (SP/FP8) is executed but is not useful work, so it is not
@@ -56,7 +58,13 @@ def flop_breakdown(model: ModelConfig, geom: SequenceGeometry) -> FlopBreakdown:
         projection=2 * geom.num_kept * vit.width * dec.width,
         decoder=dec.depth * layer_flops(dec, geom.decoder_tokens),
         decoder_attention=dec.depth * 4 * geom.decoder_tokens ** 2 * dec.width,
-        head=2 * geom.text_len * dec.width * geom.padded_vocab)
+        head=2 * geom.text_len * dec.width * _head_vocab(model, geom))
+
+
+def _head_vocab(model: ModelConfig, geom: SequenceGeometry) -> int:
+    """Vocabulary rows the head multiplies: the chunked loss leaves out the padding rows."""
+    return model.decoder.vocab_size if model.decoder.loss_kernel == "chunked" \
+        else geom.padded_vocab
 
 
 def forward_flops_per_sample(model: ModelConfig, geom: SequenceGeometry) -> float:
@@ -65,14 +73,16 @@ def forward_flops_per_sample(model: ModelConfig, geom: SequenceGeometry) -> floa
 
 def recompute_flops_per_sample(model: ModelConfig, geom: SequenceGeometry,
                                recompute: str) -> float:
-    """Extra forward FLOPs that activation recomputation re-runs during backward."""
+    """Extra forward FLOPs that activation recomputation re-runs during backward (and the
+    chunked loss's recomputed logits)."""
     parts = flop_breakdown(model, geom)
+    head = parts.head if model.decoder.loss_kernel == "chunked" else 0.0
     if recompute == "full":
-        return parts.encoder + parts.decoder
+        return parts.encoder + parts.decoder + head
     if recompute == "selective":
-        return parts.encoder_attention + parts.decoder_attention
+        return parts.encoder_attention + parts.decoder_attention + head
     if recompute == "none":
-        return 0.0
+        return head
     raise ValueError(f"recompute {recompute!r}: use none, selective or full")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.token_gather import token_gather
+
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads nearby (seed, index) pairs apart
 
 
@@ -28,6 +30,7 @@ def keep_indices(sample_index: torch.Tensor, num_patches: int, num_kept: int,
 
 
 def gather_kept(tokens: torch.Tensor, prefix: int, keep_idx: torch.Tensor) -> torch.Tensor:
-    """tokens [s, b, h] (prefix CLS/registers first) -> kept patch tokens [k, b, h]."""
-    index = (keep_idx + prefix).t()  # [k, b]
-    return tokens.gather(0, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    """tokens [s, b, h] (prefix CLS/registers first) -> kept patch tokens [k, b, h].
+    kernels.token_gather: the fused Triton gather on CUDA (backward writes each gradient row
+    once, no memset or atomics), torch.gather elsewhere."""
+    return token_gather(tokens, keep_idx, prefix)

@@ -1,16 +1,18 @@
-"""Two training steps compared in one invocation, reported as ratios.
-
-`megatron_vs_reference`: the megatron model's real training step (loop.build_model_and_optimizer
-+ loop.train_step: DDP buffers, distributed optimizer, pipeline schedule) against the
-independent pure-PyTorch twin of tests/reference with the same weights (state_dict_adapter),
-on the same batches and kept-token indices, CPU, TP = 1. Their first losses must agree (the
-same model); steps alternate A, B, A, B so drift in machine load hits both alike.
+"""Two training steps compared in one invocation, reported as ratios; steps alternate
+A, B, A, B so drift in machine load hits both alike. (The megatron step against the
+pure-PyTorch twin of tests/reference lives in tools/vs_reference.py: the library does not
+import the test tree.)
 
 `ov1_vs_ov2`: the same encoder trained with OpenVision 1's objective (models/openvision1.py:
 text encoder + contrastive loss + captioning on all tokens) and OpenVision 2's (captioning on
 the kept ~35%), same batch, same optimizer (torch AdamW), megatron layers for both. Time from
 alternating steps in this process; peak memory from one fresh, pinned process per model
 (peak_memory.py), each measured after a shallow twin of itself warmed the libraries.
+
+`loss_kernels`: one OpenVision 2 model with the plain caption head (fp32 [tokens, vocab]
+logits) and with the chunked linear + cross-entropy (decoder.loss_kernel), same weights and
+batches: step time alternately, peak memory in fresh processes, and the head's share of the
+peak against a twin whose vocabulary is 128 (where the head costs ~nothing).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 
 from ov2_megatron.config import DecoderConfig, ModelConfig, ParallelConfig, VisionConfig
 from ov2_megatron.parallel.initialize import local_device
-from ov2_megatron.perf.comm_timing import BlockedTimer
 
 GiB = 2**30
 
@@ -73,124 +74,6 @@ def _alternate(steps: dict, rounds: int, warmup: int = 1) -> dict[str, list[floa
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
-
-
-# --- megatron vs the pure-PyTorch twin ------------------------------------------------------
-
-def _reference_twin(model: ModelConfig, geom):
-    from tests.reference.openvision2_reference import (DecoderConfig as RefDecoder,
-                                                       OpenVision2Reference,
-                                                       VisionConfig as RefVision)
-
-    vit, patch = model.vision.shape()
-    dec = model.decoder.shape()
-    v, d = model.vision, model.decoder
-    return OpenVision2Reference(
-        RefVision(image_size=v.image_size, patch_size=patch, width=vit.width, depth=vit.depth,
-                  mlp_dim=vit.mlp_dim, num_heads=vit.num_heads, in_channels=v.in_channels,
-                  class_token=v.class_token, num_registers=geom.num_registers,
-                  pos_embed=v.pos_embed, layernorm_eps=model.layernorm_eps),
-        RefDecoder(dec_width=dec.width, dec_depth=dec.depth, dec_mlp_dim=dec.mlp_dim,
-                   dec_num_heads=dec.num_heads, vocab_size=d.vocab_size, pad_id=d.pad_id,
-                   mask=d.mask, loss_weight=d.loss_weight, dec_pos_embed=d.pos_embed,
-                   max_text_len=d.caption_length, layernorm_eps=model.layernorm_eps))
-
-
-def _copy_weights(chunk, reference, model: ModelConfig) -> None:
-    from ov2_megatron.models import state_dict_adapter
-
-    vit, _ = model.vision.shape()
-    full = {n: p.detach() for n, p in chunk.named_parameters()}
-    standard = state_dict_adapter.to_standard(full, chunk.plan, vit.num_heads,
-                                              model.decoder.shape().num_heads,
-                                              model.decoder.vocab_size)
-    state = reference.state_dict()
-    for name, value in standard.items():
-        state[name] = value if name != "decoder.pos_embed" else \
-            torch.cat([value, state[name][value.shape[0]:]])
-    reference.load_state_dict(state)
-
-
-def _reference_optimizer(reference, train):
-    """AdamW as configured for megatron: no decay on 1-D parameters and the extra tokens."""
-    decay, plain = [], []
-    for name, param in reference.named_parameters():
-        skip = param.ndim == 1 or name.endswith(("cls_token", "registers", "pos_embed"))
-        (plain if skip else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": plain, "weight_decay": 0.0}], lr=train.lr,
-                             betas=(train.beta1, train.beta2), eps=train.eps, foreach=False)
-
-
-def _recording(fn, sink: list):
-    """`fn`, appending the seconds of each call to `sink`."""
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        sink.append(time.perf_counter() - start)
-        return result
-    return wrapper
-
-
-def megatron_vs_reference(run, rounds: int = 5) -> dict:
-    """In a single-rank world: megatron train_step vs the twin's step, alternating. Only the
-    first losses are comparable (megatron's LR schedule warms up, the twin's AdamW does not)."""
-    from ov2_megatron.parallel.initialize import ParallelLayout, initialize
-    from ov2_megatron.training.loop import build_model_and_optimizer, train_step
-    from ov2_megatron.training.run_config import validate_run
-    from ov2_megatron.training.step import MicroBatch
-
-    if torch.cuda.is_available():
-        raise ValueError("--vs-reference is a CPU comparison (the twin has no GPU kernels)")
-    if run.parallel != ParallelConfig() or run.train.global_batch != run.train.micro_batch:
-        raise ValueError("--vs-reference compares one rank at TP = PP = 1 and one micro-batch "
-                         "per step (train.global_batch = train.micro_batch)")
-    geom = validate_run(run, 1)
-    initialize(ParallelLayout(), seed=run.train.seed)
-    model, optimizer, scheduler = build_model_and_optimizer(run, geom, "local")
-    reference = _reference_twin(run.model, geom)
-    _copy_weights(model[0].module, reference, run.model)
-    ref_optimizer = _reference_optimizer(reference, run.train)
-    b = run.train.micro_batch
-    batches = [_batch(run.model, geom, b, seed) for seed in range(rounds + 1)]
-    losses = {"megatron": [], "reference": []}
-    split = {"megatron_optimizer": [], "megatron_collectives": [], "reference_optimizer": []}
-    optimizer.step = _recording(optimizer.step, split["megatron_optimizer"])
-    reference_optimizer_step = _recording(ref_optimizer.step, split["reference_optimizer"])
-    blocked = BlockedTimer()
-
-    def megatron_step(i):
-        before = blocked.total()
-        with blocked.active():
-            loss, _, _ = train_step(model, optimizer, scheduler, [MicroBatch(*batches[i])],
-                                    geom, b)
-        split["megatron_collectives"].append(blocked.total() - before)
-        losses["megatron"].append(loss)  # train_step reports the unweighted caption loss
-
-    def reference_step(i):
-        ref_optimizer.zero_grad(set_to_none=True)
-        out = reference(*batches[i])
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), run.train.clip_grad)
-        reference_optimizer_step()
-        losses["reference"].append(float(out["caption_loss"]))
-
-    times = _alternate({"megatron": megatron_step, "reference": reference_step}, rounds)
-    median = {k: statistics.median(v) for k, v in times.items()}
-    part = {k: statistics.median(v[1:]) for k, v in split.items()}  # [0]: the warm-up round
-    return dict(
-        megatron_s=median["megatron"], reference_s=median["reference"],
-        ratio=median["megatron"] / median["reference"], times_s=times,
-        split_s=dict(megatron=dict(optimizer=part["megatron_optimizer"],
-                                   collectives=part["megatron_collectives"],
-                                   forward_backward=median["megatron"]
-                                   - part["megatron_optimizer"]),
-                     reference=dict(optimizer=part["reference_optimizer"],
-                                    forward_backward=median["reference"]
-                                    - part["reference_optimizer"])),
-        first_loss=dict(megatron=losses["megatron"][0], reference=losses["reference"][0]),
-        parameters=sum(p.numel() for p in reference.parameters()),
-        threads=torch.get_num_threads())
 
 
 # --- OpenVision 1 vs OpenVision 2 -----------------------------------------------------------
@@ -279,6 +162,19 @@ def _probe_in_subprocess(kind: str, model: ModelConfig, batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _alternate_trainers(trainers: dict, model: ModelConfig, batch: int, rounds: int,
+                        seed: int) -> dict:
+    """Steps of each trainer in turn on the same batches: median and all times, losses."""
+    geom = next(iter(trainers.values())).geom
+    batches = [_batch(model, geom, batch, seed + i) for i in range(rounds + 1)]
+    losses = {kind: [] for kind in trainers}
+    steps = {kind: (lambda i, k=kind: losses[k].append(trainers[k].step(*batches[i])))
+             for kind in trainers}
+    times = _alternate(steps, rounds)
+    return dict(time_s={k: statistics.median(v) for k, v in times.items()}, times_s=times,
+                losses=losses, batch=batch)
+
+
 def ov1_vs_ov2(model: ModelConfig, batch: int, rounds: int = 3, seed: int = 0,
                measure_memory: bool = True) -> dict:
     """Time both objectives alternately in this process; memory in two fresh processes."""
@@ -286,16 +182,9 @@ def ov1_vs_ov2(model: ModelConfig, batch: int, rounds: int = 3, seed: int = 0,
 
     initialize(ParallelLayout(), seed=seed)
     trainers = {kind: _Trainer(kind, model, seed) for kind in ("ov1", "ov2")}
-    geom = trainers["ov2"].geom
-    batches = [_batch(model, geom, batch, seed + i) for i in range(rounds + 1)]
-    losses = {kind: [] for kind in trainers}
-    steps = {kind: (lambda i, k=kind: losses[k].append(trainers[k].step(*batches[i])))
-             for kind in trainers}
-    times = _alternate(steps, rounds)
-    result = dict(time_s={k: statistics.median(v) for k, v in times.items()}, times_s=times,
-                  losses=losses, batch=batch,
-                  parameters={k: sum(p.numel() for p in t.module.parameters())
-                              for k, t in trainers.items()})
+    result = _alternate_trainers(trainers, model, batch, rounds, seed)
+    result["parameters"] = {k: sum(p.numel() for p in t.module.parameters())
+                            for k, t in trainers.items()}
     result["time_ratio"] = result["time_s"]["ov1"] / result["time_s"]["ov2"]
     del trainers
     if measure_memory:
@@ -304,6 +193,53 @@ def ov1_vs_ov2(model: ModelConfig, batch: int, rounds: int = 3, seed: int = 0,
         result["memory_ratio"] = memory["ov1"]["peak_bytes"] / memory["ov2"]["peak_bytes"]
         result["memory_method"] = memory["ov2"]["method"]
     return result
+
+
+def l14_decoder_at_vocab_32k() -> ModelConfig:
+    """scaled_l14's encoder and token counts with vit_l14's real decoder width (768, 12
+    heads, MLP 3072; 2 layers) and vocabulary (32000): the caption head at full size."""
+    model = scaled_l14()
+    model.decoder = DecoderConfig(variant="L", width=768, depth=2, mlp_dim=3072, num_heads=12,
+                                  vocab_size=32000, vocab_pad_multiple=1024, caption_length=128)
+    return model
+
+
+def loss_kernels(model: ModelConfig, batch: int, rounds: int = 3, seed: int = 0,
+                 measure_memory: bool = True) -> dict:
+    """Plain vs chunked caption loss in one training step (see the module docstring)."""
+    from ov2_megatron.parallel.initialize import ParallelLayout, initialize
+
+    initialize(ParallelLayout(), seed=seed)
+    variants = {kernel: _with_loss_kernel(model, kernel) for kernel in ("plain", "chunked")}
+    trainers = {kernel: _Trainer("ov2", m, seed) for kernel, m in variants.items()}
+    result = _alternate_trainers(trainers, model, batch, rounds, seed)
+    geom = trainers["plain"].geom
+    result.update(caption_tokens=batch * geom.text_len, vocab=geom.padded_vocab,
+                  decoder_width=model.decoder.shape().width)
+    result["time_ratio"] = result["time_s"]["chunked"] / result["time_s"]["plain"]
+    del trainers
+    if measure_memory:
+        small = _with_loss_kernel(model, "plain")
+        small.decoder.vocab_size, small.decoder.vocab_pad_multiple = 128, 128
+        probes = {k: _probe_in_subprocess("ov2", m, batch)
+                  for k, m in (*variants.items(), ("vocab_128", small))}
+        peaks = {k: probe["peak_bytes"] for k, probe in probes.items()}
+        # Above the vocab-128 twin, less the larger embedding's and head's weights, grads and
+        # AdamW moments (4 + 4 + 8 bytes each, fp32): what the loss computation itself holds.
+        static = 16 * (probes["plain"]["parameters"] - probes["vocab_128"]["parameters"])
+        head = {k: peaks[k] - peaks["vocab_128"] - static for k in variants}
+        result.update(memory_bytes=peaks, head_bytes=head, vocab_state_bytes=static,
+                      memory_ratio=peaks["plain"] / peaks["chunked"],
+                      head_memory_ratio=head["plain"] / max(head["chunked"], 1))
+    return result
+
+
+def _with_loss_kernel(model: ModelConfig, kernel: str) -> ModelConfig:
+    import copy
+
+    variant = copy.deepcopy(model)
+    variant.decoder.loss_kernel = kernel
+    return variant
 
 
 def predicted_ov1_over_ov2(model: ModelConfig, micro_batch: int, precision: str = "bf16",

@@ -18,7 +18,7 @@ from tests.reference.openvision2_reference import (DecoderConfig, OpenVision2Ref
 IMAGE, PATCH, VOCAB, CAPTION, BATCH, SEED = 32, 8, 100, 9, 4, 17
 
 
-def tiny_config(mask: str, learned: bool):
+def tiny_config(mask: str, learned: bool, loss_kernel: str = "chunked", pad_multiple: int = 128):
     from ov2_megatron.config import DecoderConfig as Dec
     from ov2_megatron.config import ModelConfig, VisionConfig as Vis
 
@@ -27,7 +27,7 @@ def tiny_config(mask: str, learned: bool):
                    mlp_dim=128, num_heads=4, num_registers=1, keep_ratio=0.5,
                    pos_embed="learned" if learned else "sincos"),
         decoder=Dec(variant="B", width=48, depth=3, mlp_dim=96, num_heads=4, vocab_size=VOCAB,
-                    vocab_pad_multiple=128,
+                    vocab_pad_multiple=pad_multiple, loss_kernel=loss_kernel,
                     caption_length=CAPTION, pad_id=0, mask=mask,
                     pos_embed="learned" if learned else "none"),
         transformer_impl="local", init_std=0.05)
@@ -45,7 +45,8 @@ def batch(num_patches: int, num_kept: int):
     return images, tokens, keep
 
 
-def megatron_run(tp: int, sp: bool, pp: int, mask: str, learned: bool, align: int | None):
+def megatron_run(tp: int, sp: bool, pp: int, mask: str, learned: bool, align: int | None,
+                 loss_kernel: str = "chunked", pad_multiple: int = 128):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -56,7 +57,7 @@ def megatron_run(tp: int, sp: bool, pp: int, mask: str, learned: bool, align: in
     from tests.distributed import tp_gather
 
     initialize(ParallelLayout(tensor=tp, pipeline=pp), seed=3)
-    cfg = tiny_config(mask, learned)
+    cfg = tiny_config(mask, learned, loss_kernel, pad_multiple)
     parallel = ParallelConfig(tensor=tp, pipeline=pp, sequence_parallel=sp)
     validate_model(cfg, parallel)
     geom = geometry(cfg, parallel, alignment=align)
@@ -76,7 +77,8 @@ def megatron_run(tp: int, sp: bool, pp: int, mask: str, learned: bool, align: in
             # Per-token loss: megatron sums over micro-batches (calculate_per_token_loss);
             # we divide by the batch's caption-token count below, as finalize_model_grads does.
             loss = weight * sums["loss_sum"]
-            return loss, sums["num_tokens"], {"loss": loss.detach()}
+            return loss, sums["num_tokens"], {"loss": loss.detach(),
+                                              "correct": sums["correct"].detach()}
 
         return out, loss_func
 
@@ -91,14 +93,15 @@ def megatron_run(tp: int, sp: bool, pp: int, mask: str, learned: bool, align: in
     for param in chunk.parameters():
         if param.grad is not None:  # the frozen pooled LayerNorm has none
             param.grad /= num_tokens
-    loss = None
+    loss = correct = None
     if parallel_state.is_pipeline_last_stage():
         loss = sum(float(item["loss"]) for item in losses) / num_tokens
+        correct = sum(int(item["correct"]) for item in losses)
 
     def standard(full):
         return state_dict_adapter.to_standard(full, chunk.plan, 4, 4, VOCAB)
 
-    return dict(loss=loss, weights=standard(tp_gather.full_state(chunk)),
+    return dict(loss=loss, correct=correct, weights=standard(tp_gather.full_state(chunk)),
                 grads=standard(tp_gather.full_state(chunk, grads=True)),
                 registers=geom.num_registers, kept=geom.num_kept)
 
@@ -166,4 +169,34 @@ def test_megatron_model_equals_reference(layout, mask, learned):
             want = want[: grad.shape[0]]
         assert want.abs().max() > 0 or "qkv.bias" in name, name
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("layout,pad_multiple", [
+    ("tp1", 128), ("tp2", 128), ("tp2_sp", 128), ("pp2", 128),
+    ("tp2", 256),  # TP rank 1 holds vocabulary rows 128-255: padding only, no real row
+])
+def test_chunked_loss_equals_the_plain_head(layout, pad_multiple):
+    """decoder.loss_kernel: the chunked vocab-parallel linear + cross-entropy (the default)
+    against megatron's plain head (fp32 logits, vocab_parallel_cross_entropy, padding rows
+    masked to -inf): the same loss, token accuracy and every gradient."""
+    spec = LAYOUTS[layout]
+    results = {}
+    for kernel in ("plain", "chunked"):
+        ranks = run_distributed(megatron_run, spec["world"],
+                                args=(spec["tp"], spec["sp"], spec["pp"], "causal", False,
+                                      spec["align"], kernel, pad_multiple))
+        grads = {}
+        for rank in ranks:
+            grads.update(rank["grads"])
+        last = [r for r in ranks if r["loss"] is not None][0]
+        results[kernel] = (last["loss"], last["correct"], grads)
+    (plain_loss, plain_correct, plain_grads), (loss, correct, grads) = results.values()
+    assert plain_loss > 1.0 and loss == pytest.approx(plain_loss, rel=1e-6)
+    assert correct == plain_correct
+    assert grads.keys() == plain_grads.keys()
+    head = [name for name in grads if "head" in name or "output" in name]
+    assert head, sorted(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7,
                                    msg=lambda m, n=name: f"{n}: {m}")

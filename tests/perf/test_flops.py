@@ -51,7 +51,13 @@ def count_case(case):
     initialize(ParallelLayout(), seed=5)
     built = build_model_and_optimizer(run, geom)
     batches, _ = SyntheticStream(run, geom, micro_batches, 0, torch.device("cpu")).step_batches(0)
-    with FlopCounterMode(display=False) as counter:
+    # torch's counter knows addmm but not its in-place form, with which the chunked loss
+    # accumulates the head's weight gradient: count it as addmm.
+    def addmm_flops(_self, a, b, *_, out_shape=None, **__):
+        return 2 * a[0] * a[1] * b[1]
+
+    in_place = {torch.ops.aten.addmm_: addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         train_step(*built, batches, geom, micro)
     samples = micro * micro_batches
     return dict(name=name, counted=counter.get_total_flops(),
@@ -88,10 +94,18 @@ def test_recompute_terms():
     parts = flops.flop_breakdown(model, geom)
     base = flops.model_flops_per_sample(model, geom)
     assert base == pytest.approx(3 * parts.forward - parts.embed)
+    # the chunked caption loss (the default) recomputes the head's logits in backward
+    assert model.decoder.loss_kernel == "chunked"
+    assert flops.train_flops_per_sample(model, geom, "none") - base == pytest.approx(parts.head)
     assert flops.train_flops_per_sample(model, geom, "full") - base == pytest.approx(
-        parts.encoder + parts.decoder)
+        parts.encoder + parts.decoder + parts.head)
     assert flops.train_flops_per_sample(model, geom, "selective") - base == pytest.approx(
-        parts.encoder_attention + parts.decoder_attention)
+        parts.encoder_attention + parts.decoder_attention + parts.head)
+    model.decoder.loss_kernel = "plain"  # megatron's head: no recompute, padded vocabulary
+    plain = flops.flop_breakdown(model, geom)
+    assert flops.train_flops_per_sample(model, geom, "none") == \
+        flops.model_flops_per_sample(model, geom)
+    assert plain.head / parts.head == geom.padded_vocab / model.decoder.vocab_size
     # ViT-L/14 at 224 px: ~80% of the forward is the encoder, ~1% the vocabulary head.
     assert 0.75 < parts.encoder / parts.forward < 0.85
     assert flops.peak_for("NVIDIA GB200", flops.PEAK_BF16) == 2500e12

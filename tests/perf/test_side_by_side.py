@@ -65,10 +65,11 @@ def compare_all():
     from ov2_megatron.data.config import DataConfig
     from ov2_megatron.perf import side_by_side
     from ov2_megatron.training.run_config import RunConfig, TrainConfig
+    from tools.vs_reference import megatron_vs_reference
 
     run = RunConfig(model=tiny_model(), data=DataConfig(resolution=32, caption_length=12),
                     train=TrainConfig(global_batch=4, micro_batch=4, precision="fp32", seed=2))
-    vs_reference = side_by_side.megatron_vs_reference(run, rounds=1)
+    vs_reference = megatron_vs_reference(run, rounds=1)
     parts = check_ov1_parts()
     ov1_ov2 = side_by_side.ov1_vs_ov2(tiny_model(), batch=4, rounds=1, measure_memory=False)
     # Large enough (~10-20 MiB) to read above the method's page-level noise.
