@@ -43,6 +43,25 @@ def eval_keep_indices(run, geom, index: torch.Tensor) -> torch.Tensor:
     return torch.arange(geom.num_patches).expand(len(index), -1)
 
 
+def schedule_parts(batch: MicroBatch, parallel, pad_id: int) -> list[MicroBatch]:
+    """One evaluation batch as the micro-batches of one schedule call: itself, or under
+    interleaved pipelining (which needs at least PP micro-batches) PP equal parts, the batch
+    first padded with all-PAD captions, which carry no loss and no token."""
+    if not parallel.virtual_pipeline:
+        return [batch]
+    parts = parallel.pipeline
+    extra = -batch.images.shape[0] % parts
+    if extra:
+        batch = MicroBatch(torch.cat([batch.images, batch.images[:1].expand(extra, -1, -1, -1)]),
+                           torch.cat([batch.tokens,
+                                      batch.tokens.new_full((extra, batch.tokens.shape[1]),
+                                                            pad_id)]),
+                           torch.cat([batch.keep_idx, batch.keep_idx[:1].expand(extra, -1)]))
+    return [MicroBatch(*pieces) for pieces in zip(batch.images.chunk(parts),
+                                                  batch.tokens.chunk(parts),
+                                                  batch.keep_idx.chunk(parts))]
+
+
 def validation(run, model, geom, logger, step: int) -> dict:
     if not run.data.val_shards:  # own shards, one of them: nothing held out (data_sources.py)
         return {}
@@ -57,10 +76,11 @@ def validation(run, model, geom, logger, step: int) -> dict:
             index = torch.arange(size) + n * size
             keep = eval_keep_indices(run, geom, index).to(device)
             images, tokens = item["images"].to(device), item["tokens"].to(device)
-            totals += run_schedule(model, [MicroBatch(images, tokens, keep)], geom, size, True)
-            # The same captions paired with other images: how much the loss owes to pixels.
-            shuffled = MicroBatch(images.roll(1, dims=0), tokens, keep)
-            mismatched += run_schedule(model, [shuffled], geom, size, True)
+            for sums, batch in ((totals, MicroBatch(images, tokens, keep)),
+                                # The same captions with other images: what the loss owes to pixels.
+                                (mismatched, MicroBatch(images.roll(1, dims=0), tokens, keep))):
+                parts = schedule_parts(batch, run.parallel, run.model.decoder.pad_id)
+                sums += run_schedule(model, parts, geom, parts[0].images.shape[0], True)
     result = dict(val_loss=float(totals[0] / max(totals[1], 1)),
                   val_token_accuracy=float(totals[2] / max(totals[1], 1)),
                   val_loss_wrong_images=float(mismatched[0] / max(mismatched[1], 1)))

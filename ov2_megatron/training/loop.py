@@ -17,6 +17,7 @@ Order of set-up (each step needs the previous one):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -37,7 +38,8 @@ from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, eva
                                    process_lifetime, run_lock, stage_transfer)
 from ov2_megatron.training.metrics import MetricsLogger
 from ov2_megatron.training.optimizer import build_optimizer
-from ov2_megatron.training.run_config import RunConfig, validate_run, warmup_rule
+from ov2_megatron.training.run_config import (RunConfig, overlap_settings, validate_run,
+                                              warmup_rule)
 from ov2_megatron.training.step import BatchStream, run_schedule
 
 
@@ -94,9 +96,13 @@ def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str 
     dtype = torch.bfloat16 if run.train.precision == "bf16" else torch.float32
     chunks = build_chunks(run.model, p, geom, impl, dtype, init_seed=run.train.seed,
                           recompute=run.train.recompute, fused_kernels=fused_kernels)
+    overlap_grads, overlap_params = overlap_settings(run.train)
+    # bucket_size None: megatron's default, max(40M, 1M x DP) elements when overlapping (one
+    # bucket otherwise). Aligning the weight gather across chunks is for interleaved PP.
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-        overlap_grad_reduce=torch.cuda.is_available())
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True, bucket_size=None,
+        overlap_grad_reduce=overlap_grads, overlap_param_gather=overlap_params,
+        align_param_gather=overlap_params and len(chunks) > 1)
     model = []
     for chunk in chunks:
         if torch.cuda.is_available():
@@ -106,8 +112,36 @@ def build_model_and_optimizer(run: RunConfig, geom: SequenceGeometry, impl: str 
     for chunk in model:
         chunk.config.finalize_model_grads_func = finalize_model_grads
         chunk.config.grad_scale_func = optimizer.scale_loss
-        chunk.config.no_sync_func = [c.no_sync for c in model] if len(model) > 1 else model[0].no_sync
+        chunk.config.no_sync_func = _per_chunk(model, "no_sync")
+        # The schedules start each chunk's gradient reduction (and, interleaved, weight
+        # gather) at the point megatron's pipeline order allows, as Megatron-LM sets them.
+        if overlap_grads:
+            chunk.config.grad_sync_func = _per_chunk(model, "start_grad_sync")
+        if ddp_config.align_param_gather:
+            chunk.config.param_sync_func = _per_chunk(model, "start_param_sync")
     return model, optimizer, scheduler
+
+
+def _per_chunk(model: list, method: str):
+    """The schedules' hook form: one bound method per chunk, or the one chunk's."""
+    bound = [getattr(chunk, method) for chunk in model]
+    return bound if len(bound) > 1 else bound[0]
+
+
+@contextlib.contextmanager
+def weights_gathered(model: list):
+    """Every rank holds all the updated weights inside the block. With overlap_param_gather
+    the all-gather after optimizer.step waits for the next forward's hooks, so a checkpoint
+    (DP rank 0 writes each tensor) or an evaluation would otherwise read other ranks' shards
+    stale: force the gather, and re-arm the hooks after (as Megatron-LM does)."""
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def prepare_data(run: RunConfig, dp_size: int | None = None) -> list[str]:
@@ -188,7 +222,8 @@ def _train(run: RunConfig) -> dict:
         step += 1
         elapsed = time.perf_counter() - started + data_wait
         if nonfinite_in_row >= t.max_nonfinite:
-            checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
+            with weights_gathered(model):
+                checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
             raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row at step {step}: "
                                "stopped; the checkpoint holds the last good weights (lower "
                                "train.lr, check the data, or raise train.max_nonfinite)")
@@ -203,7 +238,8 @@ def _train(run: RunConfig) -> dict:
                 bad_samples=loader.stats()))  # {reason: count}: metrics.py shows each
         preempted = stop.agreed()
         if step % t.save_interval == 0 or step == t.steps or preempted:
-            checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
+            with weights_gathered(model):
+                checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
             checkpoint.prune(root, t.keep_last)
         if preempted:
             if rank0:
@@ -212,8 +248,10 @@ def _train(run: RunConfig) -> dict:
             logger.close()
             return dict(step=step, preempted=True)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
-            evaluate.validation(run, model, geom, logger, step)
-    summary = evaluate.final(run, model, geom, logger, step, loader)
+            with weights_gathered(model):
+                evaluate.validation(run, model, geom, logger, step)
+    with weights_gathered(model):
+        summary = evaluate.final(run, model, geom, logger, step, loader)
     logger.close()
     return dict(step=step, preempted=False, **summary)
 

@@ -47,9 +47,18 @@ class TrainConfig:
     seed: int = 1234
     """Seeds init, token dropping and data order."""
     resume_data_stream: bool = True
-    """On resume, continue the data stream exactly where the checkpoint left it. False starts
-    a fresh stream (samples already seen are seen again): for a checkpoint whose stream cannot
-    continue here (another data-parallel size, batch size, shard list or loader version)."""
+    """On resume, continue the data stream exactly where the checkpoint left it (on another
+    data-parallel size too: data/replica_stream.py). False starts a fresh stream (samples
+    already seen are seen again): for a checkpoint whose stream cannot continue here
+    (another shard list, loader version, or a global batch the kept streams cannot split)."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce-scatter gradient buckets during the backward pass, as each bucket's last
+    gradient arrives, instead of after it (megatron DDP; buckets of megatron's default
+    max(40M, 1M x DP) elements). None: on where CUDA is."""
+    overlap_param_gather: bool | None = None
+    """All-gather the updated weights bucket by bucket during the next forward pass instead
+    of inside optimizer.step (distributed optimizer; needs overlap_grad_reduce). Checkpoints
+    and evaluation force the gather first. None: on where CUDA is."""
     output_dir: str = "runs/default"
     """Run directory: config.json, metrics.jsonl, TensorBoard events, checkpoints/."""
     init_from: str = ""
@@ -193,6 +202,9 @@ def validate_run(run: RunConfig, world_size: int,
         (t.recompute in ("none", "selective", "full"),
          f"train.recompute {t.recompute!r}: use none, selective or full"),
         (t.precision == "bf16" or not run.model.fp8, "model.fp8 needs train.precision=bf16"),
+        (not overlap_settings(t)[1] or overlap_settings(t)[0],
+         "train.overlap_param_gather needs train.overlap_grad_reduce (megatron gathers the "
+         "weights from the buckets the overlapped reduce-scatter fills): set both, or neither"),
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr {t.lr} / min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
         *_warmup_checks(t),
         (run.stage in (1, 2), f"stage {run.stage}: use 1 or 2"),
@@ -215,6 +227,15 @@ def validate_run(run: RunConfig, world_size: int,
     run_checks.check_resume_shape(run)
     run_checks.check_memory(run, world_size, geom)
     return geom
+
+
+def overlap_settings(t: TrainConfig) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather) as they apply here: None means on a GPU."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return tuple(on_gpu if value is None else value
+                 for value in (t.overlap_grad_reduce, t.overlap_param_gather))
 
 
 # Integer fields of TrainConfig and their smallest legal value, with what each counts.
