@@ -1,7 +1,13 @@
-"""Rank the TP/PP/DP/recompute/micro-batch layouts of an OpenVision 2 run on a GPU cluster.
+"""Rank the TP/PP/DP/recompute/micro-batch layouts of an OpenVision 2 run on a GPU cluster,
+or predict one given layout of a plain transformer (ViT classifier, CLIP, decoder-only GPT).
 
     python tools/plan.py --variant g/14 --resolution 224 --global-batch 32768 --gpu h100 --gpus 256
     python tools/plan.py --variant L/14 --resolution 84 --global-batch 32768 --gpu h200 --gpus 64
+    python tools/plan.py --model gpt --layers 96 --hidden 12288 --heads 96 --seq 2048 \
+        --vocab 51200 --gpus 1024 --tp 8 --pp 8 --micro-batch 1 --global-batch 1536 --gpu a100
+    python tools/plan.py --model clip --layers 40 --hidden 1408 --heads 16 --ffn 6144 \
+        --text-layers 24 --text-hidden 1024 --text-heads 16 --gpus 8 --micro-batch 80 \
+        --global-batch 640 --gpu h100
 
 Analytic (a second on a laptop): memory from ov2_megatron/perf/memory_model.py, step time
 from FLOPs, an assumed matmul efficiency and a ring model of the collectives
@@ -20,11 +26,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ov2_megatron.perf import planner  # noqa: E402
+from ov2_megatron.perf import transformer_plan as plain  # noqa: E402
 from ov2_megatron.perf.hardware import ACCELERATORS, accelerator  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ov2", choices=("ov2", "vit", "clip", "gpt"),
+                        help="ov2 ranks layouts; vit/clip/gpt predict the one given layout")
     parser.add_argument("--variant", default="L/14", help="ViT variant, e.g. L/14, g/14")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--global-batch", type=int, default=32768)
@@ -40,8 +49,21 @@ def parse_args(argv=None):
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"])
     parser.add_argument("--micro-batch", type=int, nargs="+", default=None,
                         help="only these micro-batch sizes")
-    parser.add_argument("--efficiency", type=float, default=0.5,
-                        help="fraction of the bf16 peak the matmuls reach (default 0.5)")
+    parser.add_argument("--efficiency", type=float, default=None,
+                        help="override the GPU's large-GEMM efficiency (hardware.py)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="DP reduce-scatter and all-gather fully exposed")
+    shapes = parser.add_argument_group("plain transformer shapes (--model vit|clip|gpt)")
+    for name, default in (("layers", 24), ("hidden", 1024), ("heads", 16), ("ffn", None),
+                          ("kv-heads", None), ("seq", 2048), ("image-size", 224), ("patch", 14),
+                          ("prefix-tokens", 1), ("text-layers", 12), ("text-hidden", 768),
+                          ("text-heads", 12), ("text-ffn", None), ("text-len", 77),
+                          ("tp", 1), ("pp", 1), ("vpp", 1)):
+        shapes.add_argument(f"--{name}", type=int, default=default)
+    shapes.add_argument("--gated", action="store_true", help="SwiGLU MLP (Llama)")
+    shapes.add_argument("--sequence-parallel", action="store_true")
+    shapes.add_argument("--stack", default="megatron_te", choices=("megatron_te", "legacy"))
+    shapes.add_argument("--no-distributed-optimizer", action="store_true")
     parser.add_argument("--memory-gib", type=float, help="override device memory")
     parser.add_argument("--nvlink-gbps", type=float, help="override intra-node GB/s")
     parser.add_argument("--network-gbps", type=float, help="override per-GPU network GB/s")
@@ -51,6 +73,41 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def plain_workload(args) -> plain.Workload:
+    ffn = args.ffn or 4 * args.hidden
+    if args.model == "gpt":
+        return plain.gpt(args.layers, args.hidden, args.heads, ffn, args.seq, args.vocab,
+                         args.kv_heads, args.gated)
+    image = plain.vit(args.layers, args.hidden, args.heads, ffn, args.image_size, args.patch,
+                      args.prefix_tokens)
+    if args.model == "vit":
+        return image
+    return plain.clip(image, args.text_layers, args.text_hidden, args.text_heads,
+                      args.text_ffn or 4 * args.text_hidden, args.text_len)
+
+
+def predict_plain(args, gpu) -> int:
+    workload = plain_workload(args)
+    recompute = args.recompute[0] if len(args.recompute) == 1 else "none"
+    layout = plain.Layout(args.gpus, args.global_batch, (args.micro_batch or [1])[0],
+                          args.tp, args.pp, args.vpp, args.sequence_parallel, recompute,
+                          stack=args.stack,
+                          distributed_optimizer=not args.no_distributed_optimizer,
+                          overlap_grad_reduce=not args.no_overlap,
+                          overlap_param_gather=not args.no_overlap)
+    p = plain.predict(workload, layout, gpu)
+    unit = workload.unit
+    print(f"{args.model} {workload.parameters() / 1e9:.2f}B parameters on {args.gpus} x "
+          f"{args.gpu.upper()}: TP{layout.tp} PP{layout.pp} VPP{layout.vpp} DP{layout.dp}, "
+          f"micro-batch {layout.micro_batch}, global {layout.global_batch}, {recompute} "
+          f"recompute, {layout.stack}")
+    print(f"step {p.step_s:.3f} s  {p.throughput:,.0f} {unit}/s  ({p.per_gpu:,.1f} {unit}/s "
+          f"per GPU)  MFU {p.mfu:.1%}")
+    print("  " + "  ".join(f"{k} {v / p.step_s:.0%}" for k, v in p.parts.items()
+                           if k not in ("gpus", "micro_batches")))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     gbps = lambda v: v * 1e9 if v else None  # noqa: E731
@@ -58,11 +115,14 @@ def main(argv=None) -> int:
         gpu = accelerator(args.gpu, memory_gib=args.memory_gib,
                           intra_node_bandwidth=gbps(args.nvlink_gbps),
                           inter_node_bandwidth=gbps(args.network_gbps),
-                          gpus_per_node=args.gpus_per_node)
+                          gpus_per_node=args.gpus_per_node, gemm_efficiency=args.efficiency)
+        if args.model != "ov2":
+            return predict_plain(args, gpu)
         model = planner.model_for(args.variant, args.resolution, args.keep_ratio, args.decoder,
                                   args.caption_length, args.vocab)
-        assume = planner.Assumptions(matmul_efficiency=args.efficiency,
-                                     profile=args.profile, precision=args.precision)
+        assume = planner.Assumptions(profile=args.profile, precision=args.precision,
+                                     overlap_grad_reduce=not args.no_overlap,
+                                     overlap_param_gather=not args.no_overlap)
         plans = planner.plan(model, args.global_batch, args.gpus, gpu, assume,
                              tuple(args.recompute), args.micro_batch)
     except ValueError as error:

@@ -4,26 +4,25 @@ For every TP x SP x PP x VPP x DP x micro-batch x recompute combination that div
 model and the batch, the memory model (memory_model.py) gives the peak of the fullest
 pipeline rank and this module a step time, from four analytic parts:
 
-  compute     FLOPs of the busiest pipeline rank per micro-batch (models/flops.py terms, with
-              recomputation), / (TP x bf16 peak x efficiency), x micro-batches. Efficiency
-              falls for short GEMMs: E x n / (n + n_half) for n tokens per GEMM (s x b), and
-              no layer runs faster than a fixed launch floor (kernels are launched from the
-              host), so tiny micro-batches are not free
+  compute     per layer and micro-batch, kernel_time.layer_seconds: GEMMs at the GPU
+              generation's size-dependent efficiency, fused attention, elementwise traffic
+              (hardware.py holds the calibrated constants, docs/benchmarks/
+              planner_vs_published.md the runs they are checked against), with recomputation,
+              and no layer faster than a fixed launch floor
   bubble      1F1B fill and drain: (PP - 1) / VPP x the mean per-micro-batch stage time
   TP comm     per layer and micro-batch 4 all-reduces of [s, b, h] (6 under full recompute;
-              SP's all-gather + reduce-scatter move the same bytes), ring cost
-              2 (t-1)/t x bytes / bandwidth, on the critical path (no TP overlap here)
+              SP's all-gather + reduce-scatter move the same bytes), NCCL alpha-beta cost
+              (collectives.py), on the critical path (no TP overlap here)
   PP comm     each micro-batch sends its boundary activation forward and its gradient back
-  DP comm     distributed optimizer: reduce-scatter of fp32 gradients, overlapped with the
-              last micro-batch's backward (training/loop.py sets overlap_grad_reduce on GPU),
-              and all-gather of the weights inside optimizer.step (overlap_param_gather is
-              off), both (d-1)/d x bytes / bandwidth
-  optimizer   Adam over the rank's shard, memory-bound: ~34 bytes per parameter at 80% HBM
+  DP comm     distributed optimizer: reduce-scatter of fp32 gradients and all-gather of the
+              weights. overlap_grad_reduce (on by default, as training sets it on GPU) hides
+              the reduce-scatter under the last micro-batch's backward, overlap_param_gather
+              the all-gather under the next step's first forward; the last bucket stays exposed
+  optimizer   Adam over the rank's shard, memory-bound: ~34 bytes per parameter
 
 Bandwidth: intra-node (NVLink) when a group's ranks share a node, else the per-GPU network
 bandwidth. Ranks are placed TP fastest, then DP, then PP (megatron's default order).
-Not modelled: data loading (assumed hidden), kernel-launch overheads, stragglers, and
-efficiency lost to small GEMMs at high TP (the single `matmul_efficiency` stands for all).
+Not modelled: data loading (assumed hidden), stragglers, power limits.
 """
 
 from __future__ import annotations
@@ -34,22 +33,23 @@ from dataclasses import dataclass
 from ov2_megatron.config import ModelConfig, ParallelConfig, validate_model
 from ov2_megatron.models.flops import model_flops_per_sample
 from ov2_megatron.parallel.pipeline_split import chunk_index, layer_flops
-from ov2_megatron.perf import memory_model
+from ov2_megatron.perf import collectives, kernel_time, memory_model
 from ov2_megatron.perf.hardware import Accelerator
+from ov2_megatron.perf.kernel_time import LayerShape
 
 GiB = 2**30
 
 
 @dataclass(frozen=True)
 class Assumptions:
-    matmul_efficiency: float = 0.5
-    """Fraction of the bf16 peak the model's GEMMs and attention reach at large shapes."""
-    half_efficiency_tokens: int = 256
-    """GEMM rows (tokens per micro-batch) at which half of that efficiency is reached."""
+    stack: str = "megatron_te"
+    """Layer implementation the kernel-time model counts (kernel_time.STACKS)."""
+    overlap_grad_reduce: bool = True
+    """Gradient reduce-scatter overlapped with the last micro-batch's backward (GPU default)."""
+    overlap_param_gather: bool = True
+    """Weight all-gather overlapped with the next step's first forward (GPU default)."""
     layer_floor_s: float = 60e-6
     """Least time of one layer's forward + backward (~40 kernel launches)."""
-    p2p_latency_s: float = 30e-6
-    """Fixed cost of one pipeline send/receive."""
     memory_reserve_gib: float = 3.0
     """Taken off the device memory before anything: CUDA context, NCCL, cuBLAS workspaces."""
     fragmentation: float = 0.08
@@ -98,40 +98,42 @@ def _chunk_time(plan, model: ModelConfig, geom, recompute: str, micro_batch: int
     """Seconds of one chunk's forward + backward (+ recompute) for one micro-batch."""
     vit, patch = model.vision.shape()
     dec = model.decoder.shape()
-    redo = {"none": 0.0, "full": 1.0}
-
-    def seconds(flops: float, tokens: int) -> float:
-        efficiency = assume.matmul_efficiency * tokens / (tokens + assume.half_efficiency_tokens)
-        return flops * micro_batch / (tp * gpu.bf16_flops * efficiency)
-
+    stack = kernel_time.STACKS[assume.stack]
     total = 0.0
     for count, shape, seq in ((plan.num_vit_layers, vit, geom.vit_seq),
                               (plan.num_decoder_layers, dec, geom.decoder_seq)):
-        if not count:
-            continue
-        forward = layer_flops(shape, seq)
-        if recompute == "selective":
-            extra = 4 * seq * seq * shape.width
-        else:
-            extra = redo[recompute] * forward
-        layer = seconds(3 * forward + extra, seq * micro_batch)
-        total += count * max(layer, assume.layer_floor_s)
-    if plan.has_embedding:
-        embed = 2 * geom.num_patches * model.vision.in_channels * patch ** 2 * vit.width
-        total += seconds(2 * embed, geom.num_patches * micro_batch)
+        if count:
+            layer = LayerShape(shape.width, shape.mlp_dim, shape.num_heads, shape.num_heads,
+                               seq)
+            total += count * kernel_time.layer_seconds(layer, micro_batch, tp, gpu, stack,
+                                                       recompute, floor_s=assume.layer_floor_s)
+    if plan.has_embedding:  # the patch conv: forward + dW only
+        pixels = model.vision.in_channels * patch ** 2
+        total += 2 * kernel_time.gemm_seconds(geom.num_patches * micro_batch, vit.width,
+                                              pixels, gpu)
     if plan.has_boundary:
-        total += seconds(3 * 2 * geom.num_kept * vit.width * dec.width,
-                         geom.num_kept * micro_batch)
+        total += 3 * kernel_time.gemm_seconds(geom.num_kept * micro_batch, dec.width,
+                                              vit.width, gpu)
     if plan.has_head:
-        total += seconds(3 * 2 * geom.text_len * dec.width * geom.padded_vocab,
-                         geom.text_len * micro_batch)
+        total += kernel_time.head_seconds(geom.text_len * micro_batch, dec.width,
+                                          geom.padded_vocab, tp, gpu)
     return total
 
 
-def _ring(bytes_: float, ranks: int, bandwidth: float, all_reduce: bool) -> float:
-    if ranks <= 1:
+def _dp_exposed(params: float, dp: int, tp: int, e: int, gpu: Accelerator,
+                assume: Assumptions, first_forward: float, last_backward: float) -> float:
+    """Exposed seconds of the gradient reduce-scatter and the weight all-gather."""
+    if dp <= 1:
         return 0.0
-    return (2 if all_reduce else 1) * (ranks - 1) / ranks * bytes_ / bandwidth
+    g = collectives.group(dp, tp, gpu)
+    bucket = min(params, max(40e6, 1e6 * dp))  # megatron's default DDP bucket size
+    reduce = collectives.reduce_scatter(params * 4, g, gpu)
+    gather = collectives.all_gather(params * e, g, gpu)
+    if assume.overlap_grad_reduce:
+        reduce = max(collectives.reduce_scatter(bucket * 4, g, gpu), reduce - last_backward)
+    if assume.overlap_param_gather:
+        gather = max(collectives.all_gather(bucket * e, g, gpu), gather - first_forward)
+    return reduce + gather
 
 
 def step_time(model: ModelConfig, parallel: ParallelConfig, geom, dp: int, micro_batch: int,
@@ -141,11 +143,9 @@ def step_time(model: ModelConfig, parallel: ParallelConfig, geom, dp: int, micro
     e = memory_model.BYTES[assume.precision]
     vit, _ = model.vision.shape()
     dec = model.decoder.shape()
-    node = gpu.gpus_per_node
-    tp_bw = gpu.intra_node_bandwidth if t <= node else gpu.inter_node_bandwidth
-    pp_bw = gpu.intra_node_bandwidth if t * dp * p <= node else gpu.inter_node_bandwidth
-    dp_bw = gpu.intra_node_bandwidth if t * dp <= node else gpu.inter_node_bandwidth
-    collectives = 6 if recompute == "full" else 4
+    tp_group = collectives.group(t, 1, gpu)
+    pp_same_node = t * dp * p <= gpu.gpus_per_node
+    per_layer = 6 if recompute == "full" else 4
     plans = memory_model.stage_plans(model, parallel, geom)
     per_rank, params = [], 0
     for rank in range(p):
@@ -153,24 +153,24 @@ def step_time(model: ModelConfig, parallel: ParallelConfig, geom, dp: int, micro
         params = max(params, sum(memory_model.chunk_parameters(c, model, geom, t) for c in mine))
         compute = sum(_chunk_time(c, model, geom, recompute, micro_batch, t, gpu, assume)
                       for c in mine)
-        tp_bytes = sum(c.num_vit_layers * geom.vit_seq * vit.width
-                       + c.num_decoder_layers * geom.decoder_seq * dec.width
-                       for c in mine) * micro_batch * e * collectives
-        tp = _ring(tp_bytes, t, tp_bw, all_reduce=True)
-        sent = sum(memory_model.chunk_output_bytes(c, model, geom, parallel, micro_batch, e)
-                   for c in mine)
-        pp = 2 * (sent / pp_bw + v * assume.p2p_latency_s) if p > 1 else 0.0
+        tp = per_layer * sum(
+            c.num_vit_layers * collectives.all_reduce(geom.vit_seq * vit.width * micro_batch
+                                                      * e, tp_group, gpu)
+            + c.num_decoder_layers * collectives.all_reduce(
+                geom.decoder_seq * dec.width * micro_batch * e, tp_group, gpu)
+            for c in mine)
+        sent = [memory_model.chunk_output_bytes(c, model, geom, parallel, micro_batch, e)
+                for c in mine]
+        pp = 2 * sum(collectives.send(b, pp_same_node, gpu) for b in sent) if p > 1 else 0.0
         per_rank.append((compute, tp, pp))
     slowest = max(per_rank, key=sum)
     mean_stage = sum(sum(r) for r in per_rank) / p
-    reduce_scatter = _ring(params * 4, dp, dp_bw, all_reduce=False)
-    all_gather = _ring(params * e, dp, dp_bw, all_reduce=False)
-    last_backward = slowest[0] * 2 / 3
+    dp_exposed = _dp_exposed(params, dp, t, e, gpu, assume, first_forward=slowest[0] / 3,
+                             last_backward=slowest[0] * 2 / 3)
     return StepTime(
         compute=micro_batches * slowest[0], bubble=(p - 1) / v * mean_stage,
         tp_comm=micro_batches * slowest[1], pp_comm=micro_batches * slowest[2],
-        dp_exposed=max(0.0, reduce_scatter - last_backward) + all_gather,
-        optimizer=params / dp * 34 / (0.8 * gpu.hbm_bandwidth))
+        dp_exposed=dp_exposed, optimizer=params / dp * 34 / gpu.elementwise_bandwidth)
 
 
 # --- enumeration ----------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def format_table(plans: list[LayoutPlan], gpu: Accelerator, assume: Assumptions,
     usable = assume.usable_bytes(gpu) / GiB
     lines = [header,
              f"assumed: {gpu.name}, dense bf16 peak {gpu.bf16_flops / 1e12:.0f} TFLOP/s at "
-             f"{assume.matmul_efficiency:.0%} matmul efficiency; NVLink "
+             f"{gpu.gemm_efficiency:.0%} large-GEMM efficiency ({assume.stack}); NVLink "
              f"{gpu.intra_node_bandwidth / 1e9:.0f} GB/s, network "
              f"{gpu.inter_node_bandwidth / 1e9:.0f} GB/s per GPU (achievable bus bandwidth), "
              f"{gpu.gpus_per_node} GPUs/node; usable memory {usable:.1f} of "
