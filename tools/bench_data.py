@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: a "
                         "*.model next to the shards, else one trained on their captions)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="DALI decoding: gpu = mixed (nvJPEG + hardware decoder)")
+    parser.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
+                        help="share of JPEGs for the GPU's hardware decoder (data.hw_decoder_load)")
+    parser.add_argument("--dali-only", action="store_true",
+                        help="skip the torch DataLoader baseline (e.g. GPU decoding alone)")
     args = parser.parse_args(argv)
     if args.startup:
         startup_benchmark([int(n) for n in args.startup.split(",")], args.startup_dir)
@@ -241,19 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = args.tokenizer or find_tokenizer(args.shards, shards, tmp)
         config = DataConfig(train_shards=args.shards, tokenizer_model=tokenizer,
-                            resolution=args.resolution, num_threads=args.threads)
+                            resolution=args.resolution, num_threads=args.threads,
+                            hw_decoder_load=args.hw_decoder_load)
         config.validate()
         plain = dataclasses.replace(config, color_jitter=0.0, grayscale_probability=0.0)
         best = {"dali": (0.0, 0.0), "plain": (0.0, 0.0), "torch": (0.0, 0.0)}
-        decoding = "?"
+        decoding = reason = "?"
         for _ in range(args.rounds):
             for name, loader_config in (("dali", config), ("plain", plain)):
                 loader = ImageCaptionLoader(loader_config, dp_rank=0, dp_size=1,
-                                            batch_size=args.batch_size)
-                decoding = "mixed (GPU)" if loader.device == "gpu" else "cpu"
+                                            batch_size=args.batch_size, device=args.device)
+                decoding, reason = ("mixed (GPU)" if loader.device == "gpu" else "cpu",
+                                    loader.decoding)
                 best[name] = max(best[name], timed(iter(loader), args.warmup, args.batches,
                                                    args.batch_size))
                 del loader
+            if args.dali_only:
+                continue
             baseline = DataLoader(TorchBaselineDataset(shards, config), batch_size=args.batch_size,
                                   num_workers=args.threads, prefetch_factor=2,
                                   collate_fn=TokenizingCollate(tokenizer, config.caption_length),
@@ -268,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         best["dali"], best["plain"], best["torch"])
     colour = (f"colour jitter {config.color_jitter} p {config.color_jitter_probability}, "
               f"grayscale p {config.grayscale_probability}")
+    print(f"data: {reason}")
     print(f"dali ({decoding} decoding, {colour}): {dali:.1f} images/s "
           f"({dali_cpu:.0f} per CPU-second)")
     print(f"dali ({decoding} decoding, no colour ops): {plain_rate:.1f} images/s "
           f"({plain_cpu:.0f} per CPU-second)")
+    if args.dali_only:
+        return 0
     print(f"torch DataLoader (PIL, {args.threads} workers, no colour ops): {base:.1f} images/s "
           f"({base_cpu:.0f} per CPU-second)")
     print(f"CPU efficiency vs torch DataLoader: {plain_cpu / base_cpu:.2f}x")

@@ -31,9 +31,10 @@ export S2_MB="${S2_MB:-64}" S2_M="${S2_M:-4}"
 export PY="$VENV/bin/python"
 
 # --- the plan: phase, limit (s), command (run by `bash -c`, with the variables above) ------
-PHASES=(install environment gpu_tests kernels kernel_speed bench_stage1 bench_stage2 report)
+PHASES=(install environment gpu_tests kernels kernel_speed data_decode bench_stage1 bench_stage2
+        report)
 declare -A LIMIT=([install]=30 [environment]=15 [gpu_tests]=75 [kernels]=50 [kernel_speed]=20
-                  [bench_stage1]=70 [bench_stage2]=70 [report]=10)
+                  [data_decode]=20 [bench_stage1]=60 [bench_stage2]=60 [report]=10)
 # shellcheck disable=SC2016  # single quotes on purpose: `bash -c` expands them at run time
 declare -A COMMAND=(
     [install]='make_venv && "$PY" -m pip install --no-index --find-links "$WHEELS" --no-deps --disable-pip-version-check -q -r "$MANIFEST" && check_imports'
@@ -41,6 +42,7 @@ declare -A COMMAND=(
     [gpu_tests]='run_gpu_tests -m gpu -q -p no:cacheprovider --continue-on-collection-errors'
     [kernels]='"$PY" -m pytest -m "not gpu" -q -p no:cacheprovider --junitxml="$OUT/kernels.xml" tests/kernels'
     [kernel_speed]='"$PY" tools/bench_kernels.py speed'
+    [data_decode]='decode_rates'
     [bench_stage1]='"$PY" tools/bench.py --recipe vit_l14 --stage 1 --set train.micro_batch=$S1_MB --set train.global_batch=$((S1_MB * S1_M)) --steps $STEPS --warmup 2 --json "$OUT/l14_stage1_84px.json"'
     [bench_stage2]='"$PY" tools/bench.py --recipe vit_l14 --stage 2 --set train.micro_batch=$S2_MB --set train.global_batch=$((S2_MB * S2_M)) --steps $STEPS --warmup 2 --json "$OUT/l14_stage2_224px.json"'
     [report]='"$PY" tools/bench.py --merge "$OUT" >/dev/null; final_report'
@@ -114,6 +116,24 @@ run_gpu_tests() {
 }
 
 # --- environment: GPU, versions, which optional GPU packages are present --------------------
+# data_decode: DALI GPU decoding (mixed: nvJPEG + hardware decoder) in images/s per GPU at
+# stage 1 (84 px) and stage 2 (224 px), on synthetic 256 px JPEG shards (shapes, smaller and
+# simpler than photos: an upper bound); said plainly when DALI is absent.
+decode_rates() {
+    if ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+        echo "DALI absent: GPU decoding not measured"
+        return 0
+    fi
+    local data="$OUT/decode_data" px
+    "$PY" tools/make_synthetic.py --cache-dir "$data" --num-train 3000 --num-val 64 \
+        --image-size 256 >"$OUT/decode_data.txt" || return 1
+    for px in 84 224; do
+        "$PY" tools/bench_data.py --shards "$(sed -n 's/^train: //p' "$OUT/decode_data.txt")" \
+            --resolution "$px" --device gpu --dali-only --batch-size 128 --batches 10 \
+            --warmup 3 --rounds 1 | tee "$OUT/decode_${px}px.txt" || return 1
+    done
+}
+
 print_environment() {
     "$PY" -W ignore - "$OUT/environment.json" <<'EOF'
 import importlib, importlib.metadata as md, importlib.util, json, platform, sys
@@ -273,6 +293,14 @@ print("(step s: median steady step; first s: tool start to the end of the first 
 
 te = pkgs.get("Transformer Engine", {}).get("present", False)
 dali = pkgs.get("DALI", {}).get("present", False)
+print(f"\n{'DALI decoding':18s} images/s per GPU (synthetic 256 px JPEGs, no colour ops)")
+for px in (84, 224):
+    path = os.path.join(out, f"decode_{px}px.txt")
+    found = re.search(r"no colour ops\): ([0-9.]+) images/s", open(path).read()) \
+        if os.path.exists(path) else None
+    print(f"{str(px) + ' px':18s} " + (found.group(1) if found else
+          "not measured (absent)" if not dali else
+          f"no result (phase data_decode: {status.get('data_decode', 'not run')})"))
 apex = pkgs.get("Apex", {})
 sm = tuple(env.get("sm") or (0, 0))
 te_spec = "tests.gpu.test_transformer_engine_spec::"

@@ -117,6 +117,17 @@ class DataConfig:
     num_threads: int = 4
     """DALI CPU worker threads per data-parallel rank (decode, crop, resize on CPU)."""
 
+    hw_decoder_load: float = 0.65
+    """GPU decoding (DALI "mixed"): share of the JPEG work sent to the GPU's hardware JPEG
+    engines (A100: 5 NVJPG, H100/H200: 7), the rest to nvJPEG's hybrid CUDA + CPU-thread
+    path. DALI's default; raise it (0.8-0.9) when CPU threads are scarce, which at stage 1's
+    84 px is the usual bottleneck. tools/gpu_check.sh measures images/s per GPU."""
+
+    decoder_size_hint: int = 0
+    """GPU decoding: the typical largest image side, to preallocate the hardware decoder's
+    buffers (DALI preallocate_width/height_hint) so that no allocation happens mid-run;
+    e.g. 128 for a stage-1 copy from tools/prepare_shards.py --resize, 0: none."""
+
     seed: int = 0
     """Base seed of shuffling and augmentation; each data-parallel rank derives its own."""
 
@@ -168,6 +179,9 @@ class DataConfig:
         if self.eval_resize not in RESIZE_MODES:
             raise ValueError(f"DataConfig.eval_resize={self.eval_resize!r}: use one of "
                              f"{', '.join(RESIZE_MODES)}")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"DataConfig.hw_decoder_load {self.hw_decoder_load} is not a "
+                             "fraction: use [0, 1] (DALI's default 0.65)")
         if not 0 <= self.bad_sample_warn_fraction <= 1:
             raise ValueError(f"DataConfig.bad_sample_warn_fraction "
                              f"{self.bad_sample_warn_fraction} is not a fraction: use [0, 1]")
@@ -214,6 +228,7 @@ _MINIMUMS = {
     "max_caption_bytes": (1, "longest caption read, in UTF-8 bytes"),
     "bad_sample_window": (1, "samples per bad-data window"),
     "seed": (0, "base seed of shuffling and augmentation"),
+    "decoder_size_hint": (0, "hardware decoder buffer side, 0 for none"),
 }
 
 

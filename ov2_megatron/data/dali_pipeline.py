@@ -106,9 +106,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
         batch_processing=True)
     bad_sources = fn.pad(bad_sources, fill_value=0)  # [B, max_len] uint8, empty rows all NUL
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    # nvJPEG's default chroma upsampling differs from libjpeg-turbo's; ask for the CPU's, so
-    # GPU and CPU runs (and the CPU-tested pixels) agree.
-    decoder_args = {"jpeg_fancy_upsampling": True} if device == "gpu" else {}
+    decoder_args = _gpu_decoder_args(config) if device == "gpu" else {}
     # The official inception_crop / resize_small: bilinear with antialiasing when shrinking.
     resize_args = {"interp_type": types.INTERP_LINEAR, "antialias": True}
     mean = [255.0 * m for m in config.mean]
@@ -135,6 +133,18 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                       mean=mean, std=std, mirror=mirror)
     return images, tokens, issues, bad_sources
+
+
+def _gpu_decoder_args(config: DataConfig) -> dict:
+    """The mixed decoder's settings. nvJPEG's default chroma upsampling differs from
+    libjpeg-turbo's: ask for the CPU's, so GPU and CPU runs (and the CPU-tested pixels) agree.
+    The hardware engines take `hw_decoder_load` of the JPEGs (the fused random-crop decoder
+    uses them too, DALI 2.x); buffers preallocated for `decoder_size_hint` sides."""
+    args = {"jpeg_fancy_upsampling": True, "hw_decoder_load": config.hw_decoder_load}
+    if config.decoder_size_hint:
+        args.update(preallocate_width_hint=config.decoder_size_hint,
+                    preallocate_height_hint=config.decoder_size_hint)
+    return args
 
 
 def color_ops(config: DataConfig, training: bool = True) -> str:
@@ -239,6 +249,7 @@ class ImageCaptionLoader:
         self._checkpoint = checkpoint
         self._needs_reset = False
         self.device = resolve_device(device)
+        why = "no CUDA device" if device == "auto" else f"device={device!r} asked for"
         try:
             self._build(checkpoint)
         except RuntimeError as err:
@@ -246,8 +257,12 @@ class ImageCaptionLoader:
                 raise
             warnings.warn(f"GPU decoding unavailable ({err}); falling back to CPU decoding",
                           stacklevel=2)
-            self.device = "cpu"
-            self._build(checkpoint)
+            self.device, why = "cpu", f"GPU decoding failed to build: {str(err).splitlines()[0]}"
+        self.decoding = (
+            f"decoding on the GPU (DALI mixed: nvJPEG, hardware decoder share "
+            f"{config.hw_decoder_load})" if self.device == "gpu" else
+            f"decoding on the CPU (DALI cpu: libjpeg-turbo, {config.num_threads} threads per "
+            f"rank): {why}")
 
     def _resolve(self, spec) -> tuple[list[str], list[str], list[tuple[str, float]]]:
         """(shard list DALI reads, its index paths, [(source spec, weight)] of a mixture).

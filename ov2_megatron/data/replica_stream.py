@@ -78,6 +78,11 @@ class ReplicaStream:
                 f"{self.stream_batch}) is kept; this replica reads " + ", ".join(parts))
 
     @property
+    def decoding(self) -> str:
+        """Where and how the images are decoded, and why (the loaders' shared answer)."""
+        return next(iter(self.loaders.values())).decoding
+
+    @property
     def passthrough(self) -> bool:
         return self._passthrough
 

@@ -194,8 +194,10 @@ def _train(run: RunConfig) -> dict:
     loader = ReplicaStream(run.data, replica=dp_rank, replicas=dp_size,
                            micro_batch=t.micro_batch, global_batch=t.global_batch,
                            saved=data_states)  # 6
-    if rank0 and not loader.passthrough:
-        print(loader.describe(), flush=True)
+    if rank0:
+        print(f"data: {loader.decoding}", flush=True)
+        if not loader.passthrough:
+            print(loader.describe(), flush=True)
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
                          local_device())
     logger = MetricsLogger(run_dir, t.steps, enabled=rank0)

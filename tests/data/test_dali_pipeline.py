@@ -405,3 +405,19 @@ def test_shards_written_by_our_writer_load_in_order():
     first = Image.open(io.BytesIO(synthetic_sample(0, 1, 0, data.image_size)[0]))
     assert np.abs(batches[0]["images"][0].numpy() - normalized_pil(first)).max() < 1e-4
     assert [loader.tokenizer.decode(row) for row in batches[0]["tokens"]] == captions[:16]
+
+
+def test_the_loader_says_where_it_decodes_and_why(numbered_shards, tokenizer_model):
+    """On a machine without CUDA, "auto" falls back to the CPU decoder, saying so; the GPU
+    decoder's settings (hw_decoder_load) are validated like every field."""
+    config = make_config(numbered_shards, tokenizer_model, resolution=16)
+    auto = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=8)
+    if torch.cuda.is_available():
+        assert auto.decoding.startswith("decoding on the GPU (DALI mixed")
+    else:
+        assert auto.device == "cpu" and auto.decoding.endswith(": no CUDA device"), auto.decoding
+    chosen = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=8, device="cpu")
+    assert chosen.decoding.endswith("device='cpu' asked for"), chosen.decoding
+    assert "2 threads per rank" in chosen.decoding
+    with pytest.raises(ValueError, match="hw_decoder_load 1.5 is not a fraction"):
+        make_config(numbered_shards, tokenizer_model, hw_decoder_load=1.5).validate()

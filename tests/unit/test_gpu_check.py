@@ -21,8 +21,8 @@ MANIFEST = ROOT / "tools" / "gpu_wheels.txt"
 WHEELS = ROOT / "tools" / "wheels"
 BUDGET_S = 360
 CARRY_BYTES = 64 * 2**20
-PHASES = ["install", "environment", "gpu_tests", "kernels", "kernel_speed", "bench_stage1",
-          "bench_stage2", "report"]
+PHASES = ["install", "environment", "gpu_tests", "kernels", "kernel_speed", "data_decode",
+          "bench_stage1", "bench_stage2", "report"]
 PIN = re.compile(r"^([A-Za-z0-9._-]+)==(\S+)\s+#\s*import\s+([A-Za-z0-9_.]+),\s*(\d+)\s+bytes$")
 KNOBS = ("ONLY", "OUT", "PYTHON", "VENV", "STEPS", "S1_MB", "S1_M", "S2_MB", "S2_M")
 
@@ -183,6 +183,24 @@ def test_report_calls_absent_packages_not_measured(tmp_path):
     assert "38.5" in stage1 and "38.0%" in stage1 and "0.95" in stage1
     stage2 = next(line for line in text.splitlines() if line.startswith("l14_stage2_224px"))
     assert "no result" in stage2 and "TIMEOUT" in stage2 and "41.2" in stage2
+    for px in ("84 px", "224 px"):  # GPU decoding: DALI absent
+        decode = next(line for line in text.splitlines() if line.startswith(px))
+        assert "not measured (absent)" in decode, decode
+
+
+def test_report_shows_the_gpu_decode_rates_when_dali_ran(tmp_path):
+    finished_run(tmp_path, te=False, te_outcome="skipped: Transformer Engine is not installed")
+    env = json.loads((tmp_path / "environment.json").read_text())
+    env["packages"]["DALI"] = {"present": True, "version": "2.4.0", "note": ""}
+    (tmp_path / "environment.json").write_text(json.dumps(env))
+    (tmp_path / "decode_84px.txt").write_text(
+        "dali (mixed (GPU) decoding, no colour ops): 12345.6 images/s (900 per CPU-second)\n")
+    proc = run_script("--report", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "12345.6" in next(line for line in lines if line.startswith("84 px"))
+    assert "no result (phase data_decode" in next(line for line in lines
+                                                   if line.startswith("224 px"))
 
 
 @pytest.mark.parametrize("outcome,expected", [
