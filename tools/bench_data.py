@@ -24,6 +24,12 @@ processes) are printed too: unlike images/s they hold on a shared, loaded machin
 lines are `colour augmentation cost: X.XXx images/s (with / without)` and
 `speedup vs torch DataLoader: X.XXx` (wall-clock images/s, no colour ops in either).
 
+    python tools/bench_data.py --make-photos DIR --photo-size 500x375 [--count N] [--quality Q]
+
+writes N photo-like JPEGs (smooth colour fields, edges and sensor-like noise: JPEG sizes close
+to real photos at the same quality, unlike flat synthetic shapes) into shards under DIR, for
+the decode tables of docs/benchmarks/ (e.g. original size vs a stage-1 copy).
+
     python tools/bench_data.py --startup 2000,20000 [--startup-dir DIR]
 
 measures instead what one rank's loader start-up costs for N shard paths (tiny one-sample
@@ -179,6 +185,39 @@ def make_tiny_shards(root: str, count: int) -> None:
                 tar.addfile(info, io.BytesIO(payload))
 
 
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int) -> bytes:
+    """Low-frequency colour field + a few hard-edged shapes + per-pixel noise, as JPEG."""
+    from PIL import ImageDraw
+
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(field)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(width // 20, width // 5))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in
+                                                              rng.integers(0, 256, 3)))
+    pixels = np.asarray(field, dtype=np.int16) + rng.normal(0, 6, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG",
+                                                                   quality=quality)
+    return buf.getvalue()
+
+
+def make_photo_shards(root: str, count: int, width: int, height: int, quality: int) -> None:
+    from ov2_megatron.data.shards import Sample, ShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(root, samples_per_shard=256)
+    for i in range(count):
+        writer.write(Sample(f"{i:06d}", photo_like_jpeg(rng, width, height, quality),
+                            f"a photo number {i} with {i % 7} round shapes"))
+    paths = writer.close()
+    size = sum(os.path.getsize(p) for p in paths) / count / 1024
+    print(f"{count} photo-like {width}x{height} JPEGs (quality {quality}, {size:.0f} KB each "
+          f"with the tar overhead) in {len(paths)} shards under {root}")
+
+
 def startup_benchmark(counts: list[int], root: str) -> None:
     """Per N: wall seconds and RSS growth of listing, indexing (cold, warm) and first batch."""
     import psutil
@@ -235,7 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of JPEGs for the GPU's hardware decoder (data.hw_decoder_load)")
     parser.add_argument("--dali-only", action="store_true",
                         help="skip the torch DataLoader baseline (e.g. GPU decoding alone)")
+    parser.add_argument("--make-photos", metavar="DIR", help="write photo-like shards and stop")
+    parser.add_argument("--photo-size", default="500x375", help="WIDTHxHEIGHT of --make-photos")
+    parser.add_argument("--count", type=int, default=1024, help="--make-photos: images")
+    parser.add_argument("--quality", type=int, default=90, help="--make-photos: JPEG quality")
     args = parser.parse_args(argv)
+    if args.make_photos:
+        width, height = (int(v) for v in args.photo_size.lower().split("x"))
+        make_photo_shards(args.make_photos, args.count, width, height, args.quality)
+        return 0
     if args.startup:
         startup_benchmark([int(n) for n in args.startup.split(",")], args.startup_dir)
         return 0
