@@ -5,14 +5,40 @@ from the stage-1 weights, with the position embedding adapted and a fresh LR sch
     python -m ov2_megatron.train --recipe tiny_cpu                  # make demo
     python -m ov2_megatron.train --recipe vit_l14 --stage 1         # 8+ GPUs
     sbatch launch/vit_1b.slurm                                      # g/14, multi-node
+
+A recipe may name the shards of each stage (ShardSets): stage 1 a low-resolution copy made by
+`tools/prepare_shards.py --resize 128`, stage 2 the full-size set, e.g.
+    def vit_l14_datacomp(stage=1):
+        return vit_l14(stage, ShardSets(stage1="/data/datacomp-128px", stage2="/data/datacomp"))
+`--set data.train_shards=...` still overrides the stage's set.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ov2_megatron.config import (DecoderConfig, ModelConfig, ParallelConfig, VisionConfig,
                                  padded_vocab_size)
 from ov2_megatron.data.config import DataConfig
 from ov2_megatron.training.run_config import RunConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class ShardSets:
+    """The training shards of each stage of a recipe (each any data.train_shards spec)."""
+
+    stage1: str = ""
+    """Stage 1 (84 px): a copy with short side 96-128 px (tools/prepare_shards.py --resize)
+    has ~14x fewer pixels to decode than a 480x640 original; the crops keep their field of
+    view (what changes: data/resize_shards.py). Empty: stage 1 reads `stage2`."""
+    stage2: str = ""
+    """Stage 2 (224+ px): the full-size shards (a low-resolution copy would upscale every
+    crop). Empty: set data.train_shards with --set."""
+    val: str = ""
+    """Validation shards of both stages (data.val_shards); empty holds out a training shard."""
+
+    def train_for(self, stage: int) -> str:
+        return (self.stage1 or self.stage2) if stage == 1 else self.stage2
 
 
 def tiny_cpu(stage: int = 1) -> RunConfig:
@@ -47,7 +73,7 @@ def tiny_cpu(stage: int = 1) -> RunConfig:
 
 
 def _paper_stages(name: str, vision: VisionConfig, parallel: ParallelConfig, stage: int,
-                  stage2_resolution: int, micro_batch: int) -> RunConfig:
+                  stage2_resolution: int, micro_batch: int, shards: ShardSets) -> RunConfig:
     """The released OpenVision 2 schedule: 84 px at batch 32k, then 224+ px at 16k."""
     first = stage == 1
     vision.image_size = 84 if first else stage2_resolution
@@ -63,25 +89,26 @@ def _paper_stages(name: str, vision: VisionConfig, parallel: ParallelConfig, sta
         weight_decay=0.2, precision="bf16", output_dir=f"runs/{name}/stage{stage}",
         init_from="" if first else f"runs/{name}/stage1", log_interval=10, save_interval=1000,
         eval_interval=5000)
-    data = DataConfig(resolution=vision.image_size, caption_length=128, crop_scale=(0.4, 1.0),
+    data = DataConfig(train_shards=shards.train_for(stage), val_shards=shards.val,
+                      resolution=vision.image_size, caption_length=128, crop_scale=(0.4, 1.0),
                       num_threads=8)
     return RunConfig(name=name, stage=stage, model=model, parallel=parallel, data=data,
                      train=train)
 
 
-def vit_l14(stage: int = 1) -> RunConfig:
+def vit_l14(stage: int = 1, shards: ShardSets = ShardSets()) -> RunConfig:
     """ViT-L/14 + decoder-L (the paper's main model): DP only, the model fits one H100."""
     vision = VisionConfig(variant="L/14", keep_ratio=0.35)
     return _paper_stages("vit_l14", vision, ParallelConfig(), stage, 224,
-                         micro_batch=256 if stage == 1 else 64)
+                         micro_batch=256 if stage == 1 else 64, shards=shards)
 
 
-def vit_1b(stage: int = 1) -> RunConfig:
+def vit_1b(stage: int = 1, shards: ShardSets = ShardSets()) -> RunConfig:
     """ViT-g/14 (1.01B) + decoder-L: TP=2 with SP inside a node keeps activations per GPU
     within H100 80 GB at the micro-batch below; data parallel over the rest."""
     vision = VisionConfig(variant="g/14", keep_ratio=0.35)
     return _paper_stages("vit_1b", vision, ParallelConfig(tensor=2, sequence_parallel=True),
-                         stage, 224, micro_batch=128 if stage == 1 else 32)
+                         stage, 224, micro_batch=128 if stage == 1 else 32, shards=shards)
 
 
 RECIPES = {"tiny_cpu": tiny_cpu, "vit_l14": vit_l14, "vit_1b": vit_1b}
