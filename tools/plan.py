@@ -8,6 +8,12 @@ or predict one given layout of a plain transformer (ViT classifier, CLIP, decode
     python tools/plan.py --model clip --layers 40 --hidden 1408 --heads 16 --ffn 6144 \
         --text-layers 24 --text-hidden 1024 --text-heads 16 --gpus 8 --micro-batch 80 \
         --global-batch 640 --gpu h100
+    python tools/plan.py --recipe vit_l14 --stage 1 --gpus 256 --cpu-cores-per-node 96
+    python tools/plan.py --input-table --recipe vit_l14 vit_1b --input-gpus 8 256
+
+Every ranked row also states the input it needs (images/s per node, the CPU cores that takes
+at --decode-rate-per-core) and flags INPUT-BOUND where the node cannot supply it;
+--input-table prints that row for each recipe, stage and GPU count.
 
 Analytic (a second on a laptop): memory from ov2_megatron/perf/memory_model.py, step time
 from FLOPs, an assumed matmul efficiency and a ring model of the collectives
@@ -32,6 +38,11 @@ from ov2_megatron.perf.hardware import ACCELERATORS, accelerator  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", nargs="+", choices=("vit_l14", "vit_1b"),
+                        help="take the model, resolution and global batch from this recipe "
+                             "(ov2_megatron/recipes.py; replaces --variant .. --vocab); "
+                             "several with --input-table")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1)
     parser.add_argument("--model", default="ov2", choices=("ov2", "vit", "clip", "gpt"),
                         help="ov2 ranks layouts; vit/clip/gpt predict the one given layout")
     parser.add_argument("--variant", default="L/14", help="ViT variant, e.g. L/14, g/14")
@@ -68,6 +79,21 @@ def parse_args(argv=None):
     parser.add_argument("--nvlink-gbps", type=float, help="override intra-node GB/s")
     parser.add_argument("--network-gbps", type=float, help="override per-GPU network GB/s")
     parser.add_argument("--gpus-per-node", type=int)
+    supply = parser.add_argument_group("input supply (defaults: planner.InputSupply)")
+    supply.add_argument("--cpu-cores-per-node", type=int,
+                        default=planner.InputSupply.cpu_cores_per_node)
+    supply.add_argument("--decode-rate-per-core", type=float,
+                        default=planner.InputSupply.decode_rate_per_core,
+                        help="images per core-second the CPU path decodes and augments "
+                             "(460 measured here for DALI CPU on 400-640 px JPEGs; ~950 is "
+                             "PIL decode alone)")
+    supply.add_argument("--gpu-decode-rate", type=float, default=None,
+                        help="images/s one GPU's decoders supply (DALI mixed); given, the "
+                             "INPUT-BOUND flag judges it instead of the CPU cores")
+    supply.add_argument("--input-table", action="store_true",
+                        help="the input-rate row of each --recipe at stages 1 and 2 and each "
+                             "of --input-gpus, instead of the ranked table")
+    supply.add_argument("--input-gpus", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", help="also write every layout to this file")
     return parser.parse_args(argv)
@@ -118,11 +144,18 @@ def main(argv=None) -> int:
                           gpus_per_node=args.gpus_per_node, gemm_efficiency=args.efficiency)
         if args.model != "ov2":
             return predict_plain(args, gpu)
-        model = planner.model_for(args.variant, args.resolution, args.keep_ratio, args.decoder,
-                                  args.caption_length, args.vocab)
+        supply = planner.InputSupply(cpu_cores_per_node=args.cpu_cores_per_node,
+                                     decode_rate_per_core=args.decode_rate_per_core,
+                                     gpu_decode_rate=args.gpu_decode_rate)
         assume = planner.Assumptions(profile=args.profile, precision=args.precision,
                                      overlap_grad_reduce=not args.no_overlap,
                                      overlap_param_gather=not args.no_overlap)
+        if args.input_table:
+            return input_table(args, gpu, assume, supply)
+        if args.recipe:
+            recipe_shape(args, args.recipe[0], args.stage)
+        model = planner.model_for(args.variant, args.resolution, args.keep_ratio, args.decoder,
+                                  args.caption_length, args.vocab)
         plans = planner.plan(model, args.global_batch, args.gpus, gpu, assume,
                              tuple(args.recompute), args.micro_batch)
     except ValueError as error:
@@ -131,11 +164,45 @@ def main(argv=None) -> int:
     header = (f"OpenVision 2 {args.variant} @ {args.resolution}px + decoder {args.decoder}, "
               f"keep {args.keep_ratio}, global batch {args.global_batch:,} on {args.gpus} x "
               f"{args.gpu.upper()}")
-    print(planner.format_table(plans, gpu, assume, args.top, header))
+    if args.recipe:
+        header = f"{args.recipe[0]} stage {args.stage}: {header}"
+    print(planner.format_table(plans, gpu, assume, args.top, header, supply))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([planner.as_dict(p) for p in plans], f, indent=1)
+            json.dump([planner.as_dict(p, gpu.gpus_per_node, supply) for p in plans], f,
+                      indent=1)
     return 0 if any(p.fits for p in plans) else 1
+
+
+def recipe_shape(args, name: str, stage: int):
+    """Set the model and batch arguments from a recipe; returns its parallel layout."""
+    from ov2_megatron.recipes import get_recipe
+
+    run = get_recipe(name, stage)
+    vision, decoder = run.model.vision, run.model.decoder
+    args.variant, args.resolution, args.keep_ratio = (vision.variant, vision.image_size,
+                                                      vision.keep_ratio)
+    args.decoder, args.caption_length, args.vocab = (decoder.variant, decoder.caption_length,
+                                                     decoder.vocab_size)
+    args.global_batch = run.train.global_batch
+    return run.parallel
+
+
+def input_table(args, gpu, assume, supply) -> int:
+    """Each recipe x stage x GPU count: its layout's predicted step and the input it needs."""
+    rows = []
+    for name in args.recipe or ["vit_l14", "vit_1b"]:
+        for stage in (1, 2):
+            parallel = recipe_shape(args, name, stage)
+            model = planner.model_for(args.variant, args.resolution, args.keep_ratio,
+                                      args.decoder, args.caption_length, args.vocab)
+            for gpus in args.input_gpus:
+                plans = planner.plan(model, args.global_batch, gpus, gpu, assume,
+                                     tuple(args.recompute), args.micro_batch)
+                rows.append(planner.InputRow(name, stage, args.resolution, args.global_batch,
+                                             gpus, planner.best_with_layout(plans, parallel)))
+    print(planner.format_input_table(rows, gpu, supply))
+    return 0 if all(r.plan for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -20,9 +20,15 @@ pipeline rank and this module a step time, from four analytic parts:
               the all-gather under the next step's first forward; the last bucket stays exposed
   optimizer   Adam over the rank's shard, memory-bound: ~34 bytes per parameter
 
+Beside each step time, the input it needs (input_demand): images/s per node = global batch /
+step / nodes, and the CPU cores that takes at a stated decode + augment rate per core (or the
+images/s per GPU decoder). A layout whose node cannot supply it is flagged INPUT-BOUND; its
+step time is then the input's, not the one above.
+
 Bandwidth: intra-node (NVLink) when a group's ranks share a node, else the per-GPU network
 bandwidth. Ranks are placed TP fastest, then DP, then PP (megatron's default order).
-Not modelled: data loading (assumed hidden), stragglers, power limits.
+Not modelled: the data wait of a layout its node can feed (prefetching hides it), stragglers,
+power limits.
 """
 
 from __future__ import annotations
@@ -89,6 +95,66 @@ class LayoutPlan:
     fits: bool
     mfu: float
     images_per_s: float
+
+    @property
+    def gpus(self) -> int:
+        return self.parallel.tensor * self.parallel.pipeline * self.data_parallel
+
+
+# --- input demand ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InputSupply:
+    """What one node can decode and augment; the CPU rates are measured here (issue 16)."""
+    cpu_cores_per_node: int = 112
+    """DGX H100 / H200: 2 x 56-core Xeon Platinum 8480C (hyperthreads not counted: a second
+    thread on a core adds little to JPEG decoding)."""
+    decode_rate_per_core: float = 460.0
+    """Images per core-second of DALI CPU decode + random-resized-crop + flip + jitter of
+    photo-like 400-640 px JPEGs (450-470 measured on this project's 2-core machine; plain PIL
+    decode alone ~950). A stage-1 resized copy of the shards decodes faster: measure it with
+    tools/bench_data.py and pass that rate."""
+    cores_per_gpu_process: int = 1
+    """Cores each GPU's training process keeps (Python step loop, kernel launches, NCCL)."""
+    gpu_decode_rate: float | None = None
+    """Images/s one GPU's decoders supply (DALI "mixed": nvJPEG + hardware JPEG engines).
+    None: no rate is stated, and the flag judges the CPU path. Not measured here yet
+    (tools/gpu_check.sh will); a stated rate replaces the CPU path in the flag."""
+
+    def free_cores(self, gpus_on_node: int) -> int:
+        return max(self.cpu_cores_per_node - self.cores_per_gpu_process * gpus_on_node, 0)
+
+    def describe(self, gpus_per_node: int) -> str:
+        gpu = (f"{self.gpu_decode_rate:,.0f} img/s per GPU decoder (stated)"
+               if self.gpu_decode_rate else "GPU decoding: no rate stated (not measured here)")
+        return (f"input: {self.cpu_cores_per_node} CPU cores/node, "
+                f"{self.free_cores(gpus_per_node)} free after {self.cores_per_gpu_process} per "
+                f"GPU process; CPU decode + augment {self.decode_rate_per_core:g} img/s per core;"
+                f" {gpu}")
+
+
+@dataclass
+class InputDemand:
+    per_node: float
+    """Images/s one node must decode and augment to keep up with the step time."""
+    per_gpu: float
+    cores: float
+    """CPU cores per node that takes at InputSupply.decode_rate_per_core."""
+    bound: bool
+    """The node cannot supply it: its free cores (or, with a stated rate, its GPU decoders)."""
+    supplied_per_node: float
+    """Images/s the node can supply by the path the flag judges."""
+
+
+def input_demand(p: LayoutPlan, gpus_per_node: int, supply: InputSupply) -> InputDemand:
+    gpus_on_node = min(p.gpus, gpus_per_node)
+    per_node = p.images_per_s * gpus_on_node / p.gpus  # = global batch / step / nodes
+    if supply.gpu_decode_rate:
+        supplied = supply.gpu_decode_rate * gpus_on_node
+    else:
+        supplied = supply.free_cores(gpus_on_node) * supply.decode_rate_per_core
+    return InputDemand(per_node, per_node / gpus_on_node, per_node / supply.decode_rate_per_core,
+                       per_node > supplied, supplied)
 
 
 # --- per-rank work --------------------------------------------------------------------------
@@ -261,7 +327,7 @@ def model_for(variant: str, resolution: int, keep_ratio: float = 0.35, decoder: 
 # --- report ---------------------------------------------------------------------------------
 
 def format_table(plans: list[LayoutPlan], gpu: Accelerator, assume: Assumptions, top: int,
-                 header: str) -> str:
+                 header: str, supply: InputSupply = InputSupply()) -> str:
     fits = [p for p in plans if p.fits]
     usable = assume.usable_bytes(gpu) / GiB
     lines = [header,
@@ -273,24 +339,26 @@ def format_table(plans: list[LayoutPlan], gpu: Accelerator, assume: Assumptions,
              f"{gpu.memory_gib:.1f} GiB ({assume.memory_reserve_gib:g} GiB reserved, "
              f"{assume.fragmentation:.0%} fragmentation); {assume.precision}, memory profile "
              f"{assume.profile}",
+             supply.describe(gpu.gpus_per_node),
              f"{len(plans)} layouts considered, {len(fits)} fit; best {min(top, len(fits))} "
              "by predicted step time:", ""]
     cols = ("#", "TP", "SP", "PP", "VPP", "DP", "recomp", "mb", "m", "mem GiB", "w+g+opt",
-            "act", "step s", "img/s", "MFU", "bubble", "TP comm", "DP exp.")
+            "act", "step s", "img/s", "MFU", "bubble", "TP comm", "DP exp.", "img/s/node",
+            "cores", "input")
     rows = []
     for i, p in enumerate(fits[:top], 1):
         par, t, m = p.parallel, p.time, p.memory
+        need = input_demand(p, gpu.gpus_per_node, supply)
         rows.append((str(i), str(par.tensor), "y" if par.sequence_parallel else "-",
                      str(par.pipeline), str(par.virtual_pipeline or "-"), str(p.data_parallel),
                      p.recompute, str(p.micro_batch), str(p.micro_batches),
                      f"{m.peak / GiB:.1f}", f"{m.static / GiB:.1f}",
                      f"{(m.activations + m.transient) / GiB:.1f}", f"{t.total:.3f}",
                      f"{p.images_per_s:,.0f}", f"{p.mfu:.1%}", f"{t.bubble / t.total:.0%}",
-                     f"{t.tp_comm / t.total:.0%}", f"{t.dp_exposed / t.total:.0%}"))
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(cols)]
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+                     f"{t.tp_comm / t.total:.0%}", f"{t.dp_exposed / t.total:.0%}",
+                     f"{need.per_node:,.0f}", f"{need.cores:.0f}",
+                     "INPUT-BOUND" if need.bound else "ok"))
+    lines += _aligned(cols, rows)
     if not fits and plans:
         smallest = min(plans, key=lambda p: p.memory.peak)
         lines.append(f"nothing fits: the smallest layout needs {smallest.memory.peak / GiB:.1f} "
@@ -299,15 +367,95 @@ def format_table(plans: list[LayoutPlan], gpu: Accelerator, assume: Assumptions,
     lines.append("")
     lines.append("mem = predicted peak of the fullest pipeline rank (w+g+opt: weights, fp32 "
                  "grads, distributed-optimizer shard; act: activations + transients); "
-                 "MFU = model FLOPs / (step x GPUs x peak)")
+                 "MFU = model FLOPs / (step x GPUs x peak); img/s/node = global batch / step "
+                 "/ nodes, cores = the CPU cores that takes at the stated decode rate, "
+                 "INPUT-BOUND: the node cannot supply it")
+    if fits:
+        lines.append(input_summary(fits[0], gpu.gpus_per_node, supply))
     return "\n".join(lines)
 
 
-def as_dict(p: LayoutPlan) -> dict:
-    return dict(parallel=dataclasses.asdict(p.parallel), dp=p.data_parallel,
+def input_summary(p: LayoutPlan, gpus_per_node: int, supply: InputSupply) -> str:
+    """One sentence on the best layout's input: what it needs, what the node supplies, and
+    the step time the input allows when it cannot keep up."""
+    need = input_demand(p, gpus_per_node, supply)
+    path = "GPU decoders" if supply.gpu_decode_rate else "free CPU cores"
+    text = (f"input of layout 1: {need.per_node:,.0f} img/s per node ({need.per_gpu:,.0f} per "
+            f"GPU) = {need.cores:.0f} cores at {supply.decode_rate_per_core:g} img/s/core; "
+            f"the node's {path} supply {need.supplied_per_node:,.0f} img/s")
+    if not need.bound:
+        return text + ": ok"
+    input_step = p.time.total * need.per_node / max(need.supplied_per_node, 1e-9)
+    fixes = ("decode smaller JPEGs (a stage-1 resized copy of the shards) or add CPU threads "
+             "beside the GPU decoders" if supply.gpu_decode_rate else
+             "decode smaller JPEGs (a stage-1 resized copy of the shards), decode on the GPU "
+             "(DALI mixed) or take nodes with more cores")
+    return (text + f": INPUT-BOUND, the step would take >= {input_step:.3f} s (MFU <= "
+            f"{p.mfu * p.time.total / input_step:.1%}); {fixes}")
+
+
+def _aligned(cols: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """The header and rows, each column right-aligned to its widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    return ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [cols, *rows]]
+
+
+def as_dict(p: LayoutPlan, gpus_per_node: int, supply: InputSupply = InputSupply()) -> dict:
+    return dict(input=dataclasses.asdict(input_demand(p, gpus_per_node, supply)),parallel=dataclasses.asdict(p.parallel), dp=p.data_parallel,
                 micro_batch=p.micro_batch, micro_batches=p.micro_batches,
                 recompute=p.recompute, fits=p.fits, peak_gib=p.memory.peak / GiB,
                 static_gib=p.memory.static / GiB, step_s=p.time.total,
                 images_per_s=p.images_per_s, mfu=p.mfu,
                 time=dataclasses.asdict(p.time))
 
+
+
+# --- input-rate table (tools/plan.py --input-table) ----------------------------------------
+
+def best_with_layout(plans: list[LayoutPlan], parallel: ParallelConfig) -> LayoutPlan | None:
+    """The fastest fitting plan with the TP / SP / PP / VPP of `parallel` (a recipe's layout);
+    micro-batch and recompute are the planner's choice, as the recipe's own micro-batch need
+    not divide the per-replica batch at another GPU count."""
+    def key(par):
+        return par.tensor, par.sequence_parallel, par.pipeline, par.virtual_pipeline or 1
+    return next((p for p in plans if p.fits and key(p.parallel) == key(parallel)), None)
+
+
+@dataclass
+class InputRow:
+    recipe: str
+    stage: int
+    resolution: int
+    global_batch: int
+    gpus: int
+    plan: LayoutPlan | None
+    """None: no layout of the recipe's TP/PP fits at this GPU count."""
+
+
+def format_input_table(rows: list[InputRow], gpu: Accelerator, supply: InputSupply) -> str:
+    cols = ("recipe", "stage", "px", "batch", "GPUs", "nodes", "layout", "step s", "img/s",
+            "MFU", "img/s/node", "img/s/GPU", "cores/node", "input")
+    table = []
+    for r in rows:
+        nodes = -(-r.gpus // gpu.gpus_per_node)
+        head = (r.recipe, str(r.stage), str(r.resolution), f"{r.global_batch:,}", str(r.gpus),
+                str(nodes))
+        if r.plan is None:
+            table.append(head + ("no layout fits",) + ("-",) * (len(cols) - len(head) - 1))
+            continue
+        p, need = r.plan, input_demand(r.plan, gpu.gpus_per_node, supply)
+        par = p.parallel
+        layout = (f"TP{par.tensor}{'+SP' if par.sequence_parallel else ''} PP{par.pipeline} "
+                  f"DP{p.data_parallel} mb{p.micro_batch} {p.recompute}")
+        table.append(head + (layout, f"{p.time.total:.3f}", f"{p.images_per_s:,.0f}",
+                             f"{p.mfu:.1%}", f"{need.per_node:,.0f}", f"{need.per_gpu:,.0f}",
+                             f"{need.cores:.0f}", "INPUT-BOUND" if need.bound else "ok"))
+    lines = [f"input rate of the recipes' layouts on {gpu.name} ({gpu.gpus_per_node} GPUs/node;"
+             f" predicted step times, tools/plan.py)", supply.describe(gpu.gpus_per_node), "",
+             *_aligned(cols, table)]
+    lines += ["", "layout: the recipe's TP/SP/PP with the planner's fastest fitting micro-batch "
+              "and recompute; img/s/node = global batch / step / nodes; cores/node = the CPU "
+              f"cores that takes at {supply.decode_rate_per_core:g} img/s/core; INPUT-BOUND: "
+              "the node's free cores (or stated GPU decoders) supply less"]
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
 from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
                                    process_lifetime, run_lock, stage_transfer)
-from ov2_megatron.training.metrics import MetricsLogger
+from ov2_megatron.training.metrics import DataWaitMonitor, MetricsLogger, data_wait_fraction
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import (RunConfig, overlap_settings, validate_run,
                                               warmup_rule)
@@ -200,7 +200,8 @@ def _train(run: RunConfig) -> dict:
             print(loader.describe(), flush=True)
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
                          local_device())
-    logger = MetricsLogger(run_dir, t.steps, enabled=rank0)
+    data_wait_monitor = DataWaitMonitor(t.data_wait_window, t.data_wait_warn_fraction)
+    logger = MetricsLogger(run_dir, t.steps, enabled=rank0, data_wait=data_wait_monitor)
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
@@ -223,6 +224,7 @@ def _train(run: RunConfig) -> dict:
             nonfinite_in_row = 0
         step += 1
         elapsed = time.perf_counter() - started + data_wait
+        logger.watch_data_wait(step, data_wait, elapsed)
         if nonfinite_in_row >= t.max_nonfinite:
             with weights_gathered(model):
                 checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
@@ -236,7 +238,9 @@ def _train(run: RunConfig) -> dict:
                 token_accuracy=float(totals[2] / max(totals[1], 1)),
                 images_per_s=t.global_batch / elapsed, tokens_per_s=float(totals[1]) / elapsed,
                 tflops_per_device=tflops, mfu=(tflops * 1e12 / peak) if peak else None,
-                data_wait_s=data_wait, memory_gb=_memory_gb(), skipped=skipped,
+                data_wait_s=data_wait,
+                data_wait_fraction=data_wait_fraction(data_wait, elapsed),
+                memory_gb=_memory_gb(), skipped=skipped,
                 bad_samples=loader.stats()))  # {reason: count}: metrics.py shows each
         preempted = stop.agreed()
         if step % t.save_interval == 0 or step == t.steps or preempted:

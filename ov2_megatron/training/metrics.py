@@ -3,7 +3,11 @@ ETA on interactive terminals. Only the logging rank (global rank 0) writes.
 
 A dict value (the loader's replaced samples by reason, `bad_samples`) is logged as its total
 under its own name plus one metric per entry (`bad_samples/no_caption`), and printed as
-`bad_samples 109 (undecodable 100, no_caption 9)`: `skipped` counts non-finite steps only."""
+`bad_samples 109 (undecodable 100, no_caption 9)`: `skipped` counts non-finite steps only.
+
+`data_wait_fraction` is the share of the step spent waiting for the batch; DataWaitMonitor
+prints a warning with the likely fixes when, over a window of steps, that share stays above
+train.data_wait_warn_fraction."""
 
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import time
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, total_steps: int, enabled: bool):
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool,
+                 data_wait: DataWaitMonitor | None = None):
         self.enabled, self.total_steps = enabled, total_steps
+        self.data_wait = data_wait
         self.interactive = enabled and sys.stdout.isatty()
         self._start, self._start_step = time.monotonic(), None
         self._writer = None
@@ -42,11 +48,21 @@ class MetricsLogger:
         self._writer.flush()
         self._print(step, record)
 
+    def watch_data_wait(self, step: int, data_wait_s: float, step_s: float) -> None:
+        """Every step: feed the data-wait monitor; print (and keep in TensorBoard) its warning."""
+        if not (self.enabled and self.data_wait):
+            return
+        warning = self.data_wait.update(step, data_wait_s, step_s)
+        if warning:
+            print(warning, flush=True)
+            self.text("warnings/data_wait", warning, step)
+
     def _print(self, step: int, record: dict) -> None:
         fields = [f"step {step}/{self.total_steps}"]
         for key, fmt in (("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
                          ("images_per_s", ".1f"), ("tokens_per_s", ".0f"),
                          ("tflops_per_device", ".2f"), ("mfu", ".1%"), ("data_wait_s", ".3f"),
+                         ("data_wait_fraction", ".1%"),
                          ("memory_gb", ".2f"), ("skipped", "d"), ("val_loss", ".4f"),
                          ("val_token_accuracy", ".1%"), ("val_loss_wrong_images", ".4f"), ("probe_shape_accuracy", ".1%"),
                          ("probe_colour_accuracy", ".1%")):
@@ -79,6 +95,42 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._writer.close()
+
+
+def data_wait_fraction(data_wait_s: float, step_s: float) -> float:
+    """Share of a step spent waiting for its batch; step_s includes the wait (loop.py)."""
+    return data_wait_s / step_s if step_s > 0 else 0.0
+
+
+class DataWaitMonitor:
+    """Whether the input pipeline holds training back: the share of wall time spent waiting
+    for data over each window of `window` steps (total wait / total step time, so a slow step
+    weighs as much as it costs). Checked once per window, so a run that stays input-bound
+    warns once per window, not at every step."""
+
+    def __init__(self, window: int, warn_fraction: float):
+        self.window, self.warn_fraction = window, warn_fraction
+        self._wait = self._time = 0.0
+        self._steps = 0
+
+    def update(self, step: int, data_wait_s: float, step_s: float) -> str | None:
+        """Add one step; at the end of a window, the warning if its share is over the limit."""
+        self._wait, self._time, self._steps = (self._wait + data_wait_s, self._time + step_s,
+                                               self._steps + 1)
+        if self._steps < self.window:
+            return None
+        share = data_wait_fraction(self._wait, self._time)
+        self._wait = self._time = 0.0
+        self._steps = 0
+        if share <= self.warn_fraction:
+            return None
+        return (f"warning: steps {step - self.window + 1}-{step} spent {share:.0%} of their "
+                f"time waiting for data (more than train.data_wait_warn_fraction "
+                f"{self.warn_fraction:.0%}): the input pipeline does not keep up. Likely fixes:"
+                " more decode threads (data.num_threads), DALI GPU decoding (data.hw_decoder_load"
+                " for the hardware JPEG engines), a stage-1 copy of the shards resized to the "
+                "training resolution (tools/prepare_shards.py --resize), or more CPU cores per "
+                "GPU; tools/plan.py states the images/s per node a layout needs")
 
 
 def _flatten(key: str, value) -> dict:

@@ -64,6 +64,12 @@ class TrainConfig:
     init_from: str = ""
     """Stage 2: checkpoint (run or checkpoint dir) of stage 1; weights only, fresh schedule."""
     log_interval: int = 10
+    data_wait_window: int = 50
+    """Steps over which the share of time spent waiting for data is checked (once per window
+    on the logging rank; the progress line shows each logged step's data_wait_fraction)."""
+    data_wait_warn_fraction: float = 0.1
+    """Warn, naming the likely fixes, when a window's steps spend more than this share of
+    their time waiting for data. In (0, 1]; 1 never warns."""
     save_interval: int = 500
     """Checkpoint every N steps (also on SIGTERM/SIGUSR1 and at the end)."""
     keep_last: int = 3
@@ -246,6 +252,7 @@ TRAIN_MINIMUMS = {
     "warmup_steps": (0, "linear warmup steps; none to use train.warmup_fraction"),
     "seed": (0, "seeds init, token dropping and data order"),
     "log_interval": (1, "steps between metrics lines"),
+    "data_wait_window": (1, "steps per data-wait check"),
     "save_interval": (1, "steps between checkpoints"),
     "keep_last": (1, "checkpoints kept"),
     "eval_interval": (0, "steps between validations, 0 for only at the end"),
@@ -262,6 +269,9 @@ def _check_floats(t: TrainConfig) -> None:
         (0 <= t.beta2 < 1, f"train.beta2 {t.beta2} must be in [0, 1) (reference 0.95)"),
         (t.eps > 0, f"train.eps {t.eps} must be > 0 (Adam's denominator; reference 1e-8)"),
         (t.clip_grad >= 0, f"train.clip_grad {t.clip_grad} must be >= 0 (0 disables clipping)"),
+        (0 < t.data_wait_warn_fraction <= 1,
+         f"train.data_wait_warn_fraction {t.data_wait_warn_fraction} must be in (0, 1] (a share "
+         "of step time; 1 never warns)"),
     ]
     for ok, message in checks:
         if not ok:
