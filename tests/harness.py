@@ -58,7 +58,13 @@ def _rank_main(fn, rank, world_size, port, results, args, kwargs):
         if torch.cuda.is_available():  # GPU-marked tests run the real NCCL path
             torch.cuda.set_device(rank % torch.cuda.device_count())
             backend = "nccl"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        except dist.DistNetworkError as error:
+            if "EADDRINUSE" in str(error):  # the port was taken between pick and bind
+                results.put((rank, PORT_TAKEN, traceback.format_exc()))
+                return
+            raise
         value = fn(*args, **kwargs)
         # Plain pickle, not the queue's ForkingPickler: torch would share tensors through
         # shared memory that dies with this process before the parent reads it.
@@ -83,6 +89,26 @@ def run_distributed(
     it from the preloaded server: for tests whose environment must act at process start."""
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size {world_size} outside 1..8")
+    for _ in range(_PORT_ATTEMPTS):
+        outcomes = _launch(fn, world_size, args, kwargs, timeout, fresh_interpreter)
+        if not any(status == PORT_TAKEN for status, _ in outcomes.values()):
+            break
+    errors = {r: v for r, (status, v) in outcomes.items() if status != "ok"}
+    if errors:
+        report = "\n".join(f"--- rank {r} ---\n{text}" for r, text in sorted(errors.items()))
+        raise DistributedFailure(f"{len(errors)} of {world_size} ranks failed:\n{report}")
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+
+
+# free_port() closes the port it found before rank 0 binds it: on a loaded machine another
+# process (a parallel test run) can take it in between. Rank 0 then fails in
+# init_process_group, before any work, and the whole launch is retried on a new port.
+PORT_TAKEN = "port_taken"
+_PORT_ATTEMPTS = 3
+
+
+def _launch(fn, world_size: int, args: tuple, kwargs: dict | None, timeout: float,
+            fresh_interpreter: bool) -> dict[int, tuple[str, Any]]:
     ctx = _rank_context(fresh_interpreter)
     results = ctx.Queue()
     port = free_port()
@@ -100,11 +126,7 @@ def run_distributed(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    errors = {r: v for r, (status, v) in outcomes.items() if status != "ok"}
-    if errors:
-        report = "\n".join(f"--- rank {r} ---\n{text}" for r, text in sorted(errors.items()))
-        raise DistributedFailure(f"{len(errors)} of {world_size} ranks failed:\n{report}")
-    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+    return outcomes
 
 
 def _collect(results, procs, timeout: float) -> dict[int, tuple[str, Any]]:
@@ -118,7 +140,7 @@ def _collect(results, procs, timeout: float) -> dict[int, tuple[str, Any]]:
         try:
             rank, status, value = results.get(timeout=min(remaining, 1.0))
             outcomes[rank] = (status, value)
-            if status == "error":
+            if status in ("error", PORT_TAKEN):
                 deadline = min(deadline, time.monotonic() + 10.0)
         except queue.Empty:
             dead_silent = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcomes]

@@ -65,3 +65,30 @@ def test_megatron_free_tests_cannot_import_megatron():
     assert blocked.returncode != 0 and "megatron-free" in blocked.stderr, blocked.stderr
     env["OV2_BLOCK_MEGATRON"] = "0"
     assert subprocess.run(probe, env=env, timeout=120).returncode == 0
+
+
+def test_a_port_taken_before_rank_zero_binds_it_is_retried_on_a_new_one(monkeypatch):
+    """free_port closes the port it found; a parallel test run may take it before rank 0
+    binds (seen in CI as EADDRINUSE). The launch is retried on a fresh port."""
+    import socket
+
+    from tests import harness
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    blocked = taken.getsockname()[1]
+    ports = iter([blocked])
+    real = harness.free_port
+    picked = []
+
+    def next_port():
+        picked.append(next(ports, None) or real())
+        return picked[-1]
+
+    monkeypatch.setattr(harness, "free_port", next_port)
+    try:
+        assert run_distributed(all_reduce_rank, 2, timeout=120) == [(0, 3.0), (1, 3.0)]
+    finally:
+        taken.close()
+    assert picked[0] == blocked and len(picked) == 2  # the first launch failed, one retry
