@@ -99,7 +99,7 @@ def layer_spec(impl: str, mask: AttnMaskType) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                    linear_qkv=ColumnParallelLinear, core_attention=UnfusedAttention,
                     linear_proj=RowParallelLinear, q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp),
             ),
@@ -111,6 +111,29 @@ def layer_spec(impl: str, mask: AttnMaskType) -> ModuleSpec:
             sharded_state_dict_keys_map=dict(_LOCAL_TO_TE_NORM_KEYS),
         ),
     )
+
+
+class UnfusedAttention(DotProductAttention):
+    """megatron's unfused attention (baddbmm -> mask -> softmax -> bmm), masking out of place.
+
+    megatron's torch softmax path masks with `attention_mask_func`, an in-place masked_fill_
+    on a view of the baddbmm output. Autograd records that as a CopySlices node, whose
+    backward pushes the whole [b, np, s, s] score gradient through new_zeros, two copies, a
+    clone and a copy back before the one masked_fill that matters: five s^2 passes per
+    masked layer (the causal decoder; the ViT is unmasked), no FLOPs, growing with the
+    decoder sequence and so with the keep ratio (docs/benchmarks/2026-12-02-keep-ratio-cost.md).
+    Masked by one out-of-place select, the backward is one select of the gradient: the same
+    values, bit for bit. The fused CUDA softmax (and TE) never call mask_func."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale_mask_softmax.mask_func = mask_scores
+
+
+def mask_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """megatron's attention_mask_func (hidden scores -> -10000) as one out-of-place select:
+    one pass forward and one backward (masked_fill would clone first, then fill)."""
+    return torch.where(mask, -10000.0, scores)
 
 
 def _local_norm():
