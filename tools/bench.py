@@ -9,6 +9,7 @@
     python tools/bench.py --vs-reference                                        # megatron / twin
     python tools/bench.py --ov1-vs-ov2                                          # OV1 / OV2 cost
     python tools/bench.py --loss-kernels                                        # plain / chunked head
+    python tools/bench.py --keep-ratios 0.25,0.35,0.5,1.0 --threads 1          # cost vs FLOPs
 
 Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchmark.py says
 what is measured and how), plus its time to first step (`time_to_first_step_s`: from this
@@ -45,6 +46,9 @@ def parse_args(argv=None):
                       help="plain vs chunked caption loss at vit_l14's decoder width and vocab")
     mode.add_argument("--ov1-vs-ov2", action="store_true",
                       help="OpenVision 1 objective vs OpenVision 2, same encoder and batch")
+    mode.add_argument("--keep-ratios", metavar="LIST",
+                      help="step cost vs model FLOPs at these keep ratios (comma-separated), "
+                           "megatron's in-place attention mask and the local spec's side by side")
     parser.add_argument("--recipe", default=None, help="recipe name (ov2_megatron/recipes.py)")
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -52,7 +56,10 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="--vs-reference / --ov1-vs-ov2: alternating timed rounds")
+                        help="--vs-reference / --ov1-vs-ov2 / --keep-ratios: alternating "
+                           "timed rounds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--keep-ratios: torch threads (1 makes CPU time robust to load)")
     parser.add_argument("--data", choices=("synthetic", "loader"), default="synthetic")
     parser.add_argument("--json", help="write the result JSON here")
     parser.add_argument("--out", help="--sweep: directory for the per-run JSONs")
@@ -215,10 +222,17 @@ def _model_comparison(args, compare, model, micro_batch: int) -> dict:
 
 
 def ov1_vs_ov2(args) -> int:
+    """OV1 / OV2 and the breakdown (OV1 with one part after another switched off), on
+    scaled_l14 with the plain fp32-logits head both sides, as the official code has."""
+    import functools
+
     from ov2_megatron.perf.side_by_side import ov1_vs_ov2 as compare
     from ov2_megatron.perf.side_by_side import scaled_l14
 
-    result = _model_comparison(args, compare, scaled_l14(), micro_batch=16)
+    model = scaled_l14()
+    model.decoder.loss_kernel = "plain"
+    result = _model_comparison(args, functools.partial(compare, breakdown=True), model,
+                               micro_batch=16)
     t = result["time_s"]
     line = (f"OV1 {t['ov1'] * 1e3:.0f} ms / OV2 {t['ov2'] * 1e3:.0f} ms per step: time "
             f"{result['time_ratio']:.2f}x (paper 1.5x)")
@@ -227,6 +241,11 @@ def ov1_vs_ov2(args) -> int:
         line += (f"; peak memory {mem['ov1'] / 2**20:.0f} / {mem['ov2'] / 2**20:.0f} MiB: "
                  f"{result['memory_ratio']:.2f}x (paper 1.8x)")
     print(line)
+    for name, part in result["parts"].items():
+        memory = (f", memory {part['memory_bytes'] / 2**20:+.0f} MiB "
+                  f"({part['memory_share']:.0%})") if "memory_bytes" in part else ""
+        print(f"  {name}: time {part['time_s'] * 1e3:+.0f} ms ({part['time_share']:.0%})"
+              f"{memory}, parameters {part['parameters']:+,}")
     return 0
 
 
@@ -248,6 +267,19 @@ def loss_kernels(args) -> int:
     return 0
 
 
+def keep_ratios(args) -> int:
+    from ov2_megatron.perf.keep_ratio_cost import keep_ratio_cost, markdown
+    from ov2_megatron.training.run_config import RunConfig, TrainConfig, apply_overrides
+
+    ratios = tuple(float(r) for r in args.keep_ratios.split(","))
+    run = apply_overrides(RunConfig(train=TrainConfig(micro_batch=16)), args.overrides)
+    result = keep_ratio_cost(ratios, run.train.micro_batch, args.rounds, threads=args.threads)
+    result["command"] = " ".join(["python", *sys.argv])
+    _write(args.json, result)
+    print(markdown(result))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
@@ -259,7 +291,7 @@ def main(argv=None) -> int:
         return 0
     if args.sweep and args.index is None:
         return sweep(args)
-    if not (args.vs_reference or args.ov1_vs_ov2 or args.loss_kernels):
+    if not (args.vs_reference or args.ov1_vs_ov2 or args.loss_kernels or args.keep_ratios):
         _restart_pinned_on_cpu()
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a lone process
@@ -272,6 +304,8 @@ def main(argv=None) -> int:
             return ov1_vs_ov2(args)
         if args.loss_kernels:
             return loss_kernels(args)
+        if args.keep_ratios:
+            return keep_ratios(args)
         return bench(args)
     except ValueError as error:
         print(f"bench.py: {error}", file=sys.stderr)

@@ -3,11 +3,15 @@ A, B, A, B so drift in machine load hits both alike. (The megatron step against 
 pure-PyTorch twin of tests/reference lives in tools/vs_reference.py: the library does not
 import the test tree.)
 
-`ov1_vs_ov2`: the same encoder trained with OpenVision 1's objective (models/openvision1.py:
-text encoder + contrastive loss + captioning on all tokens) and OpenVision 2's (captioning on
-the kept ~35%), same batch, same optimizer (torch AdamW), megatron layers for both. Time from
-alternating steps in this process; peak memory from one fresh, pinned process per model
-(peak_memory.py), each measured after a shallow twin of itself warmed the libraries.
+`ov1_vs_ov2`: the same encoder trained with OpenVision 1's objective as the official code
+defines it (models/openvision1.py: text encoder over two captions, contrastive loss, decoder
+on all tokens + a text prefix) and OpenVision 2's (captioning on the kept ~35%), same batch,
+same optimizer (torch AdamW), megatron layers for both; with `breakdown`, also OV1 with its
+parts switched off one by one (BREAKDOWN). Time from alternating steps in this process; peak
+memory from one fresh, pinned process per model (peak_memory.py), each measured after a
+shallow twin of itself warmed the libraries. `predicted_ov1_over_ov2` is the analytic
+counterpart, per component, checked against those measurements and evaluated at the paper's
+TPU setting (docs/benchmarks/2026-12-02-ov1-vs-ov2-breakdown.md).
 
 `loss_kernels`: one OpenVision 2 model with the plain caption head (fp32 [tokens, vocab]
 logits) and with the chunked linear + cross-entropy (decoder.loss_kernel), same weights and
@@ -79,6 +83,30 @@ def _alternate(steps: dict, rounds: int, warmup: int = 1) -> dict[str, list[floa
 
 # --- OpenVision 1 vs OpenVision 2 -----------------------------------------------------------
 
+# OpenVision 1 (models/openvision1.py) with its parts switched off one at a time, from the
+# paper's objective down to OpenVision 2: each step's cost difference is that part's share.
+OV1_VARIANTS = {
+    "ov1": {},  # text encoder, contrastive loss, decoder on all tokens + text prefix
+    "ov1_no_contrastive": dict(contrastive=False),  # text encoder for the prefix only
+    "ov1_no_text": dict(contrastive=False, text_prefix=False),  # no text tower at all
+    "ov1_token_drop": dict(contrastive=False, text_prefix=False, keep_ratio=None),  # model's
+}
+BREAKDOWN = (*OV1_VARIANTS, "ov2")
+PART_NAMES = {  # the part between one kind of BREAKDOWN and the next
+    "ov1": "contrastive loss (2nd caption, heads, [b, B] logits)",
+    "ov1_no_contrastive": "text encoder + its 79-token decoder prefix",
+    "ov1_no_text": "decoder on all vs kept image tokens",
+    "ov1_token_drop": "learned queries vs caption embedding",
+}
+
+
+def ov1_options(kind: str, model: ModelConfig) -> dict:
+    options = dict(OV1_VARIANTS[kind])
+    if "keep_ratio" in options:
+        options["keep_ratio"] = model.vision.keep_ratio
+    return options
+
+
 class _Trainer:
     """One model of the comparison with its AdamW; `step(batch)` -> loss."""
 
@@ -93,12 +121,12 @@ class _Trainer:
         self.kind, self.geom = kind, validate_model(model, ParallelConfig())
         if kind == "ov2":
             (self.module,) = build_chunks(model, ParallelConfig(), self.geom, init_seed=seed)
-        elif kind == "ov1":
-            self.module = OpenVision1(model)
+        elif kind in OV1_VARIANTS:
+            self.module = OpenVision1(model, **ov1_options(kind, model))
             initialize_weights(self.module.captioner, seed, model.init_std, vit.num_heads,
                                dec.num_heads, model.decoder.vocab_size)
         else:
-            raise ValueError(f"model kind {kind!r}: use ov1 or ov2")
+            raise ValueError(f"model kind {kind!r}: use ov2 or one of {', '.join(OV1_VARIANTS)}")
         self.module.to(local_device())
         self.weight = model.decoder.loss_weight
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-4, foreach=False)
@@ -177,23 +205,44 @@ def _alternate_trainers(trainers: dict, model: ModelConfig, batch: int, rounds: 
 
 
 def ov1_vs_ov2(model: ModelConfig, batch: int, rounds: int = 3, seed: int = 0,
-               measure_memory: bool = True) -> dict:
-    """Time both objectives alternately in this process; memory in two fresh processes."""
+               measure_memory: bool = True, breakdown: bool = False) -> dict:
+    """Time both objectives alternately in this process; memory in fresh processes. With
+    `breakdown`, every kind of BREAKDOWN (OV1 with parts switched off) as well, and each
+    part's memory and time with its share of OV1 - OV2 (`parts`)."""
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize
 
+    kinds = BREAKDOWN if breakdown else ("ov1", "ov2")
     initialize(ParallelLayout(), seed=seed)
-    trainers = {kind: _Trainer(kind, model, seed) for kind in ("ov1", "ov2")}
+    trainers = {kind: _Trainer(kind, model, seed) for kind in kinds}
     result = _alternate_trainers(trainers, model, batch, rounds, seed)
     result["parameters"] = {k: sum(p.numel() for p in t.module.parameters())
                             for k, t in trainers.items()}
     result["time_ratio"] = result["time_s"]["ov1"] / result["time_s"]["ov2"]
     del trainers
     if measure_memory:
-        memory = {kind: _probe_in_subprocess(kind, model, batch) for kind in ("ov1", "ov2")}
+        memory = {kind: _probe_in_subprocess(kind, model, batch) for kind in kinds}
         result["memory_bytes"] = {k: v["peak_bytes"] for k, v in memory.items()}
         result["memory_ratio"] = memory["ov1"]["peak_bytes"] / memory["ov2"]["peak_bytes"]
         result["memory_method"] = memory["ov2"]["method"]
+    if breakdown:
+        result["parts"] = _parts(result)
     return result
+
+
+def _parts(result: dict) -> dict:
+    """Each step of BREAKDOWN: the cost it removes and its share of OV1 - OV2."""
+    parts = {}
+    for kind, after in zip(BREAKDOWN, BREAKDOWN[1:]):
+        part = {}
+        for key in ("time_s", "memory_bytes"):
+            if key in result:
+                values = result[key]
+                delta = values[kind] - values[after]
+                part[key] = delta
+                part[key.split("_")[0] + "_share"] = delta / (values["ov1"] - values["ov2"])
+        part["parameters"] = result["parameters"][kind] - result["parameters"][after]
+        parts[PART_NAMES[kind]] = part
+    return parts
 
 
 def l14_decoder_at_vocab_32k() -> ModelConfig:
@@ -244,40 +293,111 @@ def _with_loss_kernel(model: ModelConfig, kernel: str) -> ModelConfig:
     return variant
 
 
-def predicted_ov1_over_ov2(model: ModelConfig, micro_batch: int, precision: str = "bf16",
-                           profile: str = "gpu_te") -> dict:
-    """The analytic models' OV1 / OV2 ratios at any scale (one GPU, no parallelism): memory
-    from perf/memory_model.py, FLOPs from models/flops.py, for OV1 = OV2 with every token
-    kept + a decoder-shaped causal text encoder over the caption + two projections."""
-    import copy
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+    """How one device holds a training step, for predicted_ov1_over_ov2."""
+    activation_bytes: int
+    """Bytes per activation element (compute dtype)."""
+    state_bytes: int
+    """Bytes per parameter: weight + gradient + optimizer state."""
+    profile: str
+    """memory_model.PROFILES key: whether attention probabilities are materialised."""
+    encoder_recompute: str
+    """'full' or 'none' for the ViT and the text encoder (official remat_policy)."""
+    decoder_recompute: str
+    """The same for the caption decoder."""
 
+
+ACCOUNTING = {
+    # _Trainer on CPU: fp32 weights, gradients and torch AdamW's two moments, no recompute.
+    "cpu_fp32": Accounting(4, 4 + 4 + 8, "cpu_local", "none", "none"),
+    # The official TPU runs (scripts/project/openvision*/train.sh, configs/openvision*.py): bf16
+    # activations, fp32 weights and gradients, Adam mu in bf16 + nu in fp32, XLA attention
+    # without flash (use_flash_attn=False), remat 'full' on the ViT and the text encoder,
+    # 'none' on the decoder; weights replicated (fsdp_parallelism=1).
+    "tpu_paper": Accounting(2, 4 + 4 + 2 + 4, "cpu_local", "full", "none"),
+}
+
+
+def predicted_ov1_over_ov2(model: ModelConfig, micro_batch: int, accounting: str = "cpu_fp32",
+                           global_batch: int | None = None, text_length: int = 80) -> dict:
+    """Peak memory of one device for every kind of BREAKDOWN by component (bytes), from the
+    shapes (memory_model's per-layer terms), and forward+backward FLOPs per image. The head is
+    the plain one (fp32 [T, b, V] logits, as the official code). `global_batch` (default: one
+    device's) sets the contrastive logits [b, B]."""
     from ov2_megatron.config import validate_model
-    from ov2_megatron.models.flops import model_flops_per_sample
     from ov2_megatron.parallel.pipeline_split import layer_flops
     from ov2_megatron.perf import memory_model as mm
 
-    one = ParallelConfig()
-    step = mm.StepShape(micro_batch, 1, 1, precision)
-    kernels = mm.PROFILES[profile]
-    geom2 = validate_model(model, one)
-    ov2 = mm.rank_memory(model, one, geom2, step, 0, kernels)
-    all_tokens = copy.deepcopy(model)
-    all_tokens.vision.keep_ratio = 1.0
-    geom1 = validate_model(all_tokens, one)
-    captioner = mm.rank_memory(all_tokens, one, geom1, step, 0, kernels)
-    text, length = model.decoder.shape(), model.decoder.caption_length
-    vit, _ = model.vision.shape()
-    e = mm.BYTES[precision]
-    text_params = (text.depth * mm.layer_parameters(text, 1) + geom1.padded_vocab * text.width
-                   + length * text.width + 2 * text.width + (vit.width + text.width) * text.width)
-    per_param = e + 4 + 8 + (4 if precision == "bf16" else 0)  # weight, grad, Adam, master
-    text_activations = micro_batch * length * text.width * e * 2 + text.depth * \
-        mm.layer_activations(text, length, micro_batch, one, e, kernels, "none")
-    ov1_peak = captioner.peak + text_params * per_param + text_activations
-    text_flops = 3 * text.depth * layer_flops(text, length)
-    ov1_flops = model_flops_per_sample(all_tokens, geom1) + text_flops
-    return dict(memory_ratio=ov1_peak / ov2.peak, flops_ratio=ov1_flops / model_flops_per_sample(
-        model, geom2), ov1_peak_gib=ov1_peak / GiB, ov2_peak_gib=ov2.peak / GiB)
+    acc = ACCOUNTING[accounting]
+    profile = mm.PROFILES[acc.profile]
+    e, b, one = acc.activation_bytes, micro_batch, ParallelConfig()
+    B = global_batch or micro_batch
+    vit, patch = model.vision.shape()
+    dec = model.decoder.shape()
+    text, L = dec, text_length  # the text tower is the decoder's size (L/14: both 768 x 12)
+    geom = validate_model(model, one)
+    V, T, N, w, d = geom.padded_vocab, geom.text_len, geom.num_patches, vit.width, dec.width
+    vit_params = (model.vision.in_channels * patch * patch * w + geom.vit_prefix * w
+                  + vit.depth * mm.layer_parameters(vit, 1))
+    text_params = text.depth * mm.layer_parameters(text, 1) + (V + L + 2) * text.width
+    decoder_params = dec.depth * mm.layer_parameters(dec, 1) + 2 * d + V * d + w * d
+
+    def layers(shape, depth, seq, batch, recompute):
+        kept = depth * mm.layer_activations(shape, seq, batch, one, e, profile, recompute)
+        return kept, mm.layer_backward_transient(shape, seq, batch, one, e, profile, recompute)
+
+    def kind(contrastive: bool, text_prefix: bool, kept: int, queries: bool) -> dict:
+        s_dec = kept + (L - 1) * text_prefix + T
+        captions = 2 if contrastive else 1
+        static = vit_params + decoder_params + (T * d if queries else V * d)
+        if contrastive or text_prefix:
+            static += text_params + text.width * d * text_prefix
+        if contrastive:
+            static += 2 * w + (w + text.width) * text.width + 1
+        parts = dict(static=static * acc.state_bytes)
+        parts["vit"], vit_t = layers(vit, vit.depth, geom.vit_seq, b, acc.encoder_recompute)
+        parts["text"], text_t = 0.0, 0.0
+        if contrastive or text_prefix:
+            parts["text"], text_t = layers(text, text.depth, L, captions * b,
+                                           acc.encoder_recompute)
+        parts["decoder"], dec_t = layers(dec, dec.depth, s_dec, b, acc.decoder_recompute)
+        parts["decoder"] += (kept * w + (L - 1) * text.width * text_prefix) * b * e  # proj in
+        logits = T * b * V * 4
+        parts["head"] = 2 * s_dec * b * d * e + 8 * s_dec * b + logits
+        # Four [b, B] fp32 logits, each kept twice (scaled product, softmax) for backward.
+        parts["contrastive"] = 4 * 2 * b * B * 4.0 if contrastive else 0.0
+        parts["transient"] = max(vit_t, text_t, dec_t, logits + V * d * e)
+        parts["inputs"] = b * (model.vision.in_channels * model.vision.image_size ** 2 * 4
+                               + (T + 1 + 2 * L) * 8)
+        flops = 3 * (vit.depth * layer_flops(vit, geom.vit_tokens)
+                     + dec.depth * layer_flops(dec, s_dec) + 2 * T * d * V)
+        if acc.encoder_recompute == "full":  # remat re-runs the encoder's forward
+            flops += vit.depth * layer_flops(vit, geom.vit_tokens)
+        if contrastive or text_prefix:
+            flops += captions * text.depth * layer_flops(text, L) * (
+                4 if acc.encoder_recompute == "full" else 3)
+        return dict(peak_bytes=sum(parts.values()), parts=parts, flops=flops)
+
+    kinds = {"ov1": kind(True, True, N, True),
+             "ov1_no_contrastive": kind(False, True, N, True),
+             "ov1_no_text": kind(False, False, N, True),
+             "ov1_token_drop": kind(False, False, geom.num_kept, True),
+             "ov2": kind(False, False, geom.num_kept, False)}
+    ov1, ov2 = kinds["ov1"], kinds["ov2"]
+    return dict(kinds=kinds, memory_ratio=ov1["peak_bytes"] / ov2["peak_bytes"],
+                flops_ratio=ov1["flops"] / ov2["flops"], ov1_peak_gib=ov1["peak_bytes"] / GiB,
+                ov2_peak_gib=ov2["peak_bytes"] / GiB, accounting=accounting)
+
+
+def paper_l14(image_size: int = 224) -> ModelConfig:
+    """The paper's comparison model: ViT-L/14 + decoder L (768 x 12), vocabulary 32000,
+    caption length 128, keep ratio 0.35 (OV2), at 224 px (or the 84 px of stage 1)."""
+    return ModelConfig(vision=VisionConfig(variant="L/14", image_size=image_size,
+                                           keep_ratio=0.35),
+                       decoder=DecoderConfig(variant="L", vocab_size=32000, caption_length=128,
+                                             loss_kernel="plain"),
+                       transformer_impl="local")
 
 
 def _main(argv: list[str]) -> None:
