@@ -184,8 +184,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, local, lse, valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = torch.where(valid, grad_loss.float(), 0.0)  # [t]; PAD tokens get no gradient
-        grad_hidden = torch.zeros_like(hidden) if need_h and not weight.shape[0] else \
-            torch.empty_like(hidden) if need_h else None
+        grad_hidden = None
+        if need_h:  # a shard of padding rows only adds zeros, but joins the all-reduce below
+            grad_hidden = torch.empty_like(hidden) if weight.shape[0] else torch.zeros_like(hidden)
         # Low-precision weights accumulate over chunks in fp32, like megatron's main_grad:
         # t/c bf16 roundings of the accumulator would cost ~1% relative error at t = 16k.
         acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype

@@ -104,10 +104,8 @@ class CaptionHead(MegatronModule):
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padding rows of the vocabulary (added for even TP shards) can never be predicted:
         -inf keeps them out of the softmax normaliser, so the loss is that of the real vocab."""
-        from megatron.core import parallel_state
-
         local = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * local
+        start = _shard_start(local)
         if start + local <= self.vocab_size:
             return logits
         ids = torch.arange(start, start + local, device=logits.device)
@@ -134,7 +132,7 @@ class CaptionHead(MegatronModule):
 
         text = self._text_hidden(hidden, num_image)  # [t, b, d]
         weight = self.head.weight  # [v/tp, d], rows [start, start + v/tp) of the vocabulary
-        start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+        start = _shard_start(weight.shape[0])
         real = max(0, min(weight.shape[0], self.vocab_size - start))
         group = parallel_state.get_tensor_model_parallel_group() \
             if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
@@ -142,6 +140,13 @@ class CaptionHead(MegatronModule):
             text.reshape(-1, text.shape[-1]), weight[:real], labels.reshape(-1), group,
             ignore_index=self.pad_id, vocab_start=start, return_hits=True)  # [t*b] each
         return dict(loss_sum=loss.sum(), num_tokens=num_tokens, correct=hits.sum())
+
+
+def _shard_start(rows: int) -> int:
+    """First vocabulary id of this TP rank's head shard of `rows` rows."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank() * rows
 
 
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ov2_megatron.models.state_dict_adapter import is_extra_state, other_spec_name
 from ov2_megatron.training import checkpoint_manifest, elastic_resume, safe_unpickle
-from ov2_megatron.training.checkpoint_resolve import LATEST, read_latest, resolve  # noqa: F401
-from ov2_megatron.training.optimizer import inner_optimizers
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
+from ov2_megatron.training.checkpoint_resolve import (LATEST, global_rank, read_latest,
+                                                     resolve)  # noqa: F401
+from ov2_megatron.training.optimizer import inner_optimizers, main_params
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -138,7 +135,7 @@ def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
     staging directory is removed at once, since its bytes are what the disk lacks."""
     name = f"step_{step:08d}"
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     _barrier()
@@ -147,14 +144,14 @@ def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
         with writer_errors:
             dist_checkpointing.save(model_sharded_state(chunks), partial)
         _write_rank_state(_rank_state(optimizer, data_state),
-                          os.path.join(partial, f"rank_{_rank():05d}.pt"))
+                          os.path.join(partial, f"rank_{global_rank():05d}.pt"))
     except _CHECKPOINT_ERRORS as caught:  # every rank raises when one writer fails
         error = caught
         for message in writer_errors.messages:  # traceback.format_exception shows notes
             error.add_note(message)
     _fail_together(error, root, partial)
     ranks = elastic_resume.all_coordinates()  # where each rank file sits in the layout
-    if _rank() == 0:
+    if global_rank() == 0:
         try:
             meta = dict(meta, step=step, scheduler=scheduler.state_dict(), ranks=ranks)
             with open(os.path.join(partial, "meta.json"), "w") as f:
@@ -213,7 +210,7 @@ def _fail_together(error: Exception | None, root: str, partial: str) -> None:
     ranks = ",".join(map(str, failed))
     if any(no_space for no_space, _ in failed.values()):
         # Its bytes are what the disk lacks: removed now, not at the next start.
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
         raise OSError(errno.ENOSPC, f"no space left on device while saving checkpoint {partial} "
@@ -258,7 +255,7 @@ def _first_line(error: Exception) -> str:
 
 def prune(root: str, keep_last: int) -> None:
     """Delete complete checkpoints older than the newest `keep_last` (rank 0 only)."""
-    if _rank() != 0:
+    if global_rank() != 0:
         return
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".partial"))
     for old in steps[:-keep_last]:
@@ -266,7 +263,7 @@ def prune(root: str, keep_last: int) -> None:
 
 
 def clean_partial(root: str) -> None:
-    if _rank() == 0 and os.path.isdir(root):
+    if global_rank() == 0 and os.path.isdir(root):
         for entry in os.listdir(root):
             if entry.endswith(".partial"):
                 shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
@@ -363,7 +360,7 @@ def load_rank_state(step_dir: str, optimizer) -> object:
     Read as tensors and plain data only. Refused, naming the file and what is wrong, if it
     lacks an optimizer's moments for any parameter or holds a non-finite value: either would
     otherwise continue training silently from a restarted or poisoned Adam state."""
-    path = os.path.join(step_dir, f"rank_{_rank():05d}.pt")
+    path = os.path.join(step_dir, f"rank_{global_rank():05d}.pt")
     state = safe_unpickle.load_torch_file(path)
     inner = inner_optimizers(optimizer)
     saved_all = state.get("optimizers") if isinstance(state, dict) else None
@@ -372,11 +369,11 @@ def load_rank_state(step_dir: str, optimizer) -> object:
                          f" optimizer states, this run has {len(inner)}: not this run's rank "
                          "file, or damaged")
     for index, (opt, saved) in enumerate(zip(inner, saved_all)):
-        _check_optimizer_state(path, index, saved, len(_main_params(opt)))
+        _check_optimizer_state(path, index, saved, len(main_params(opt)))
     for opt, saved in zip(inner, saved_all):
         opt.optimizer.load_state_dict(saved["torch"])
         with torch.no_grad():
-            for param, value in zip(_main_params(opt), saved["main_params"]):
+            for param, value in zip(main_params(opt), saved["main_params"]):
                 param.copy_(value)
     _set_rng_state(state["rng"])
     return state["data"]
@@ -421,15 +418,10 @@ def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) 
 
 def _rank_state(optimizer, data_state) -> dict:
     optimizers = [dict(torch=opt.optimizer.state_dict(),
-                       main_params=[p.detach().clone() for p in _main_params(opt)],
+                       main_params=[p.detach().clone() for p in main_params(opt)],
                        index=elastic_resume.param_index(opt))
                   for opt in inner_optimizers(optimizer)]
     return dict(optimizers=optimizers, rng=_rng_state(), data=data_state)
-
-
-def _main_params(opt) -> list[torch.Tensor]:
-    """The fp32 master shards the torch optimizer updates (views of the weights in fp32)."""
-    return [p for group in opt.optimizer.param_groups for p in group["params"]]
 
 
 def _rng_state() -> dict:

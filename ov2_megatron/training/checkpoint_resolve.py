@@ -16,7 +16,8 @@ from ov2_megatron.training import checkpoint_manifest, safe_unpickle
 LATEST = "latest"
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's rank in the world (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -30,7 +31,7 @@ def resolve(path: str) -> str | None:
     what is wrong with it) if checkpoints exist but none verifies: never a silent fresh start.
     Rank 0 reads the files; every rank gets its answer."""
     answer = None
-    if _rank() == 0:
+    if global_rank() == 0:
         try:
             answer = ("ok", _resolve_verified(path))
         except Exception as error:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ov2_megatron.training import safe_unpickle
-from ov2_megatron.training.optimizer import inner_optimizers
+from ov2_megatron.training.optimizer import inner_optimizers, main_params
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -113,11 +113,12 @@ def _reshard_one(opt, saved: list[tuple[str, dict]]) -> None:
                 (start, end, entry["main_params"][position], per_param[position]))
     torch_state = opt.optimizer.state_dict()
     new_state = {}
+    masters = main_params(opt)
     for position, (name, start, end) in enumerate(param_index(opt)):
         master, moments, step = _assemble(name, start, end, pieces.get(name, []))
         new_state[position] = {"step": step, **moments}
         with torch.no_grad():
-            _main_param(opt, position).copy_(master)
+            masters[position].copy_(master)
     groups = saved[0][1]["torch"]["param_groups"]
     torch_state["param_groups"] = [dict(old, params=new["params"]) for old, new
                                    in zip(groups, torch_state["param_groups"])]
@@ -149,8 +150,3 @@ def _assemble(name: str, start: int, end: int, pieces: list):
                          f"elements [{start}, {end}) of {name} this rank holds: a rank file is "
                          "missing or from another run")
     return master, moments, (step.clone() if isinstance(step, torch.Tensor) else step)
-
-
-def _main_param(opt, position: int) -> torch.Tensor:
-    flat = [p for group in opt.optimizer.param_groups for p in group["params"]]
-    return flat[position]

@@ -42,3 +42,9 @@ def build_optimizer(model_chunks: list, train: TrainConfig):
 def inner_optimizers(optimizer) -> list:
     """The per-dtype megatron optimizers inside a ChainedOptimizer (or the one given)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def main_params(opt) -> list[torch.Tensor]:
+    """The fp32 master shards one megatron optimizer's torch optimizer updates, in its order
+    (views of the weights in fp32): what its state_dict's integer keys index."""
+    return [p for group in opt.optimizer.param_groups for p in group["params"]]
