@@ -15,8 +15,12 @@ Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchma
 what is measured and how), plus its time to first step (`time_to_first_step_s`: from this
 tool's start to the end of the run's first training step, so imports, process groups, the
 model build and the first step's compilation and autotuning, which step times leave out).
-On CPU the tool restarts itself once with the environment that makes its peak-memory reading
-sound (ov2_megatron/perf/peak_memory.py).
+On CPU the peak memory is read in a child process started with the environment that makes
+the reading sound (ov2_megatron/perf/peak_memory.py), and the steps are timed in this process,
+with malloc as training sets it (ov2_megatron/cpu_allocator.py): under the pinned environment
+every allocation of 64 KiB or more is mapped and unmapped, which doubles a CPU step's time.
+Under a launcher (several CPU ranks) both are measured in one pinned process, and the result
+says that its times are slow (`timing_allocator`).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 STARTED = time.perf_counter()  # before torch and megatron are imported: they count too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHED = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun / srun ranks
 sys.path.insert(0, ROOT)
 
 
@@ -67,12 +73,14 @@ def parse_args(argv=None):
                         help="--sweep: run only this entry, in this process (array task)")
     parser.add_argument("--no-memory", action="store_true",
                         help="--ov1-vs-ov2: skip the two memory subprocesses")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def _restart_pinned_on_cpu() -> None:
-    """CPU: re-exec once with MALLOC_MMAP_THRESHOLD_ / MKL_DISABLE_FAST_MM set (they only act
-    from process start); a no-op on GPUs and under a launcher that set them."""
+    """CPU ranks under a launcher: re-exec once with MALLOC_MMAP_THRESHOLD_ /
+    MKL_DISABLE_FAST_MM set (they only act from process start); a no-op on GPUs and where
+    the launcher set them."""
     import torch
 
     from ov2_megatron.perf.peak_memory import environment_pinned, pinned_environment
@@ -144,9 +152,17 @@ def bench(args) -> int:
     from ov2_megatron.perf.benchmark import run_benchmark
 
     run = _run_config(args, "tiny_cpu")
+    memory = _memory_in_pinned_child(args) if _times_apart_from_memory(args) else None
+    if args.memory_only:
+        args.steps = 1
     with first_step_clock() as clock:
         result = run_benchmark(run, steps=args.steps, warmup=args.warmup, data=args.data)
-    result["time_to_first_step_s"] = clock.get("time_to_first_step_s")
+    result.update(memory or {})
+    first = clock.get("time_to_first_step_s")
+    if first is not None:  # the memory child ran before this run started its own clock
+        first -= result.get("memory_child_s", 0.0)
+    result["time_to_first_step_s"] = first
+    result["timing_allocator"] = _timing_allocator(memory is not None)
     if dist.get_rank() == 0:
         _write(args.json, result)
         print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}))
@@ -156,6 +172,56 @@ def bench(args) -> int:
         print(f"time to first step: {'n/a' if first is None else f'{first:.1f} s'} (tool start "
               "to the end of the first training step: imports, build, compilation)")
     return 0
+
+
+MEMORY_FIELDS = ("peak_memory_gib", "predicted_memory_gib", "per_rank_memory_gib",
+                 "memory_method")
+
+
+def _times_apart_from_memory(args) -> bool:
+    """A lone CPU process outside the pinned environment: memory goes to a child."""
+    import torch
+
+    from ov2_megatron.perf.peak_memory import environment_pinned
+
+    return not (torch.cuda.is_available() or environment_pinned() or args.memory_only
+                or LAUNCHED)
+
+
+def _memory_in_pinned_child(args) -> dict:
+    """Run this benchmark again (one timed step) in a pinned child; its memory fields."""
+    from ov2_megatron.perf.peak_memory import pinned_environment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "memory.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory-only",
+               "--json", out]
+        started = time.perf_counter()
+        child = subprocess.run(cmd, env=pinned_environment(), capture_output=True, text=True)
+        if child.returncode:
+            sys.stderr.write(child.stderr[-4000:])
+            raise RuntimeError(f"the pinned memory run failed (exit {child.returncode}): "
+                               + " ".join(cmd))
+        with open(out) as f:
+            measured = json.load(f)
+    memory = {key: measured[key] for key in MEMORY_FIELDS}
+    memory["memory_child_s"] = time.perf_counter() - started
+    return memory
+
+
+def _timing_allocator(memory_apart: bool) -> str:
+    import torch
+
+    from ov2_megatron import cpu_allocator
+    from ov2_megatron.perf.peak_memory import environment_pinned
+
+    if torch.cuda.is_available():
+        return "CUDA caching allocator"
+    if environment_pinned():
+        return ("pinned for the memory reading (every allocation >= 64 KiB mapped and "
+                "unmapped): CPU step times about 2x slow")
+    return cpu_allocator.reuse_freed_memory() + (" (memory read in a pinned child)"
+                                                 if memory_apart else "")
 
 
 def sweep(args) -> int:
@@ -291,9 +357,10 @@ def main(argv=None) -> int:
         return 0
     if args.sweep and args.index is None:
         return sweep(args)
-    if not (args.vs_reference or args.ov1_vs_ov2 or args.loss_kernels or args.keep_ratios):
+    if LAUNCHED and not (args.vs_reference or args.ov1_vs_ov2 or args.loss_kernels
+                         or args.keep_ratios):
         _restart_pinned_on_cpu()
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if not LAUNCHED:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a lone process
     try:
         if args.sweep:

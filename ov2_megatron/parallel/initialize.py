@@ -69,9 +69,10 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
     rank, world_size, local_rank = _rank_from_environment()
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
-        from ov2_megatron import cpu_backend
+        from ov2_megatron import cpu_allocator, cpu_backend
 
         cpu_backend.enable()
+        cpu_allocator.reuse_freed_memory()
     else:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

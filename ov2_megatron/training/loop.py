@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+from ov2_megatron import cpu_allocator
 from ov2_megatron.config import SequenceGeometry
 from ov2_megatron.data.replica_stream import ReplicaStream, stream_states
 from ov2_megatron.models import specs
@@ -78,6 +79,8 @@ def setup(run: RunConfig):
         notes += data_sources.check_data(run, dp_size)
     impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
     initialize(layout, seed=run.train.seed)  # 2
+    if not torch.cuda.is_available():
+        notes.append(f"cpu: {cpu_allocator.reuse_freed_memory()}")  # done by initialize
     run_lock.take_for_run(run.train.output_dir)  # before anything is written there
     if run.synthetic:
         notes += prepare_data(run, dp_size)  # 3

@@ -42,8 +42,12 @@ def test_benchmark_result(swept):
     assert result["tokens_per_s"] > result["images_per_s"]  # several caption tokens per image
     assert result["mfu"] is None and "no bf16 peak" in result["mfu_basis"]  # CPU
     assert result["tflops_per_device"] > 0
-    # The memory reading is the sound one, and the memory model agrees with it.
+    # The memory reading is the sound one (a pinned child), the timing as training runs, and
+    # the memory model agrees with the reading.
     assert "unsound" not in result["memory_method"]
+    assert result["timing_allocator"] == ("malloc keeps freed memory for reuse (M_MMAP_MAX=0, "
+                                          "M_TRIM_THRESHOLD=2 GiB) (memory read in a pinned "
+                                          "child)")
     assert result["peak_memory_gib"] == pytest.approx(result["predicted_memory_gib"], rel=0.15)
     row = report.markdown_row(result)
     assert row.count("|") == report.markdown_header().splitlines()[0].count("|")
