@@ -18,6 +18,7 @@ therefore looks like a complete shorter one; at the reference length of 128 that
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable
@@ -91,6 +92,16 @@ class CaptionTokenizer:
             out[row, 1 : 1 + len(ids)] = ids
             out[row, 1 + len(ids)] = self.eos_id
         return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary: every id's piece, score and kind, in id order. Two
+        tokenizers with the same fingerprint map text to the same ids; the .model file's bytes
+        are no such identity (they also hold the trainer's input paths)."""
+        sp, digest = self._sp, hashlib.sha256()
+        for i in range(sp.get_piece_size()):
+            kind = (sp.is_control(i), sp.is_unknown(i), sp.is_unused(i), sp.is_byte(i))
+            digest.update(f"{sp.id_to_piece(i)}\t{sp.get_score(i)!r}\t{kind}\n".encode())
+        return digest.hexdigest()
 
     def decode(self, ids) -> str:
         """Text of one row: stops at the first EOS, ignores BOS and PAD."""

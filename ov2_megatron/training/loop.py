@@ -36,7 +36,7 @@ from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
 from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
-                                   process_lifetime, run_lock, stage_transfer)
+                                   process_lifetime, run_checks, run_lock, stage_transfer)
 from ov2_megatron.training.metrics import DataWaitMonitor, MetricsLogger, data_wait_fraction
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import (RunConfig, overlap_settings, validate_run,
@@ -209,7 +209,8 @@ def _train(run: RunConfig) -> dict:
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
     meta = dict(name=run.name, stage=run.stage,
-                layout=checkpoint.layout_signature(p, dist.get_world_size()))
+                layout=checkpoint.layout_signature(p, dist.get_world_size()),
+                tokenizer=run_checks.tokenizer_identity(run.data.tokenizer_model))
     skipped = nonfinite_in_row = 0
     step = start_step
     if rank0:
@@ -289,6 +290,9 @@ def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
             stage_transfer.load_stage_weights(run.train.init_from, model, run)
         return 0, None
     meta = checkpoint.read_meta(step_dir)
+    run_checks.check_same_tokenizer(meta.get("tokenizer"),
+                                    run_checks.tokenizer_identity(run.data.tokenizer_model),
+                                    f"the checkpoint {step_dir}")
     checkpoint.load_weights(step_dir, model)
     saved, layout = meta["layout"], checkpoint.layout_signature(run.parallel,
                                                                  dist.get_world_size())

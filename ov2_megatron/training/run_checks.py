@@ -1,13 +1,16 @@
-"""The checks of `validate_run` that look outside the config: paths, an existing run
-directory, and memory.
+"""The checks that look outside the config: paths, an existing run directory, the tokenizer
+a checkpoint was trained with, and memory.
 
-Each runs before any process group, allocation or write, and raises ValueError naming the
-field and the fix:
+Each raises ValueError naming the field and the fix; all but the tokenizer's run in
+`validate_run`, before any process group, allocation or write:
   * `check_paths`: train.output_dir is a directory (or can be one), data.tokenizer_model is a
     file, train.init_from, when it exists, is a checkpoint;
   * `check_resume_shape`: a run directory that holds a checkpoint was written by a model of
     the same shape. Resuming there with another one used to fail deep in the checkpoint load,
     after config.json had been overwritten with the new shape;
+  * `check_same_tokenizer`: a resumed checkpoint or a stage-1 checkpoint (train.init_from)
+    was trained with the tokenizer this run reads (its vocabulary's fingerprint, which the
+    checkpoint records); checked once the checkpoint is chosen, before any step;
   * `check_memory`: the memory model's peak for one rank (perf/memory_model.py) plus the
     loader's batch buffers fit the device (GPU memory, or on CPU the host's available memory
     shared by its ranks).
@@ -148,6 +151,31 @@ def check_resume_shape(run) -> None:
                          "those --set), or train this one elsewhere: --set "
                          "train.output_dir=NEW_DIR (with train.init_from=" f"{run_dir} to "
                          "start from its weights where the shapes allow)")
+
+
+def tokenizer_identity(path: str) -> dict | None:
+    """What a checkpoint records of the tokenizer it was trained with (None: no tokenizer)."""
+    from ov2_megatron.data.tokenizer import CaptionTokenizer
+
+    if not path:
+        return None
+    tokenizer = CaptionTokenizer.from_file(path)
+    return dict(path=os.path.abspath(path), pieces=tokenizer.vocab_size,
+                fingerprint=tokenizer.fingerprint())
+
+
+def check_same_tokenizer(saved: dict | None, now: dict | None, checkpoint: str) -> None:
+    """Refuse weights trained with another tokenizer: with the same vocabulary size nothing
+    else would notice, and the decoder would learn every caption under new token meanings.
+    `saved` is the checkpoint's record (None in checkpoints written before it existed)."""
+    if saved is None or now is None or saved["fingerprint"] == now["fingerprint"]:
+        return
+    raise ValueError(
+        f"data.tokenizer_model {now['path']} ({now['pieces']} pieces, vocabulary "
+        f"{now['fingerprint'][:12]}) is not the tokenizer that {checkpoint} was trained with "
+        f"({saved['path']}, {saved['pieces']} pieces, vocabulary {saved['fingerprint'][:12]}): "
+        f"--set data.tokenizer_model={saved['path']} (or a copy of it), or train with the "
+        "new tokenizer from scratch in a new train.output_dir")
 
 
 # --- memory ---------------------------------------------------------------------------------

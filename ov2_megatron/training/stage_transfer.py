@@ -3,7 +3,8 @@
 With the default fixed sin-cos position table there is nothing to adapt: it is regenerated
 for the new grid. A learned table is loaded at its stage-1 shape and resized (bicubic). Any
 other shape change (widths, depths, vocabulary) means the checkpoint is not this model's
-stage 1, and the load fails naming the tensor. The optimizer and LR schedule start fresh.
+stage 1, and the load fails naming the tensor; so does another tokenizer, even one of the
+same size (run_checks.check_same_tokenizer). The optimizer and LR schedule start fresh.
 The checkpoint is verified and read as tensors only, as on a resume (checkpoint.resolve).
 """
 
@@ -14,7 +15,7 @@ from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 from megatron.core.utils import unwrap_model
 
 from ov2_megatron.models.vision_encoder import interpolate_pos_embed
-from ov2_megatron.training import checkpoint, safe_unpickle
+from ov2_megatron.training import checkpoint, run_checks, safe_unpickle
 
 _RESIZABLE = "embedding.pos_embed"
 
@@ -25,6 +26,9 @@ def load_stage_weights(path: str, model: list, run) -> None:
         raise FileNotFoundError(
             f"train.init_from {path!r}: no checkpoint there (expected a run directory with "
             "checkpoints/latest, or a step directory): run stage 1 first or fix the path")
+    run_checks.check_same_tokenizer(checkpoint.read_meta(step_dir).get("tokenizer"),
+                                    run_checks.tokenizer_identity(run.data.tokenizer_model),
+                                    f"the stage-1 checkpoint {step_dir} (train.init_from)")
     safe_unpickle.check_metadata(step_dir)  # resolve() checked it on rank 0; each rank reads it
     saved = load_tensors_metadata(step_dir)
     sharded = checkpoint.model_sharded_state(model)
