@@ -6,10 +6,13 @@ a person wants to see: the loss falling, generated captions next to the true one
 validation loss with the right images against the same captions with wrong images, and a
 linear probe on the frozen encoder. Logs and checkpoints stay under runs/demo/.
 Re-running resumes (a finished stage only re-evaluates).
+
+    python -m ov2_megatron.demo [--output DIR] [--set KEY=VALUE ...]   # both stages get --set
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,10 +24,19 @@ def _metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def main() -> int:
-    from ov2_megatron.train import _quiet_known_warnings
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="runs/demo", help="stage1/ and stage2/ go here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a run-config field in both stages")
+    return parser.parse_args(argv)
 
-    _quiet_known_warnings()
+
+def main(argv=None) -> int:
+    from ov2_megatron.upstream_warnings import quiet_upstream_notices
+
+    args = parse_args(argv)
+    quiet_upstream_notices()
     from ov2_megatron.recipes import get_recipe
     from ov2_megatron.training.loop import train
     from ov2_megatron.training.run_config import apply_overrides
@@ -32,14 +44,14 @@ def main() -> int:
     started = time.monotonic()
     summaries = {}
     for stage in (1, 2):
-        out = f"runs/demo/stage{stage}"
-        overrides = [f"train.output_dir={out}"]
+        out = os.path.join(args.output, f"stage{stage}")
+        overrides = [f"train.output_dir={out}", *args.overrides]
         if stage == 2:
-            overrides.append("train.init_from=runs/demo/stage1")
+            overrides.append(f"train.init_from={os.path.join(args.output, 'stage1')}")
         print(f"\n=== tiny_cpu stage {stage} -> {out} ===", flush=True)
         summaries[stage] = train(apply_overrides(get_recipe("tiny_cpu", stage), overrides))
         _shutdown()
-    records = _metrics("runs/demo/stage1")
+    records = _metrics(os.path.join(args.output, "stage1"))
     losses = [r["loss"] for r in records if "loss" in r]
     final = {k: v for s in summaries.values() for k, v in s.items() if isinstance(v, float)}
     print("\n=== demo summary ===")
@@ -52,8 +64,8 @@ def main() -> int:
               f"{final['probe_shape_accuracy']:.1%} (chance {final['probe_shape_chance']:.1%}), "
               f"colour {final['probe_colour_accuracy']:.1%} "
               f"(chance {final['probe_colour_chance']:.1%})")
-    print(f"TensorBoard: tensorboard --logdir runs/demo; checkpoints in runs/demo/stage*/"
-          f"checkpoints; {time.monotonic() - started:.0f} s in all")
+    print(f"TensorBoard: tensorboard --logdir {args.output}; checkpoints in {args.output}/"
+          f"stage*/checkpoints; {time.monotonic() - started:.0f} s in all")
     return 0
 
 

@@ -142,15 +142,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tokenizer(args):
-    """The run's SentencePiece model (or --tokenizer), or None when there is none."""
+    """The run's SentencePiece model (or --tokenizer), or None when there is none; refused
+    when the checkpoint records another one (ids would decode to other words)."""
     from ov2_megatron.conversion import megatron_checkpoint
     from ov2_megatron.data.tokenizer import CaptionTokenizer
+    from ov2_megatron.training import checkpoint, run_checks
 
-    path = args.tokenizer
-    if path is None:
-        _, run = megatron_checkpoint.locate(args.checkpoint, args.config)
-        path = run.data.tokenizer_model
-    return CaptionTokenizer.from_file(path) if path and os.path.isfile(path) else None
+    step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
+    path = args.tokenizer or run.data.tokenizer_model
+    if not (path and os.path.isfile(path)):
+        return None
+    saved = checkpoint.read_meta(step_dir).get("tokenizer")
+    field = "--tokenizer" if args.tokenizer else "the run's data.tokenizer_model"
+    fix = f"--tokenizer {saved['path']}" if saved else ""
+    run_checks.check_same_tokenizer(saved, run_checks.tokenizer_identity(path),
+                                    f"the checkpoint {step_dir}", field, fix)
+    return CaptionTokenizer.from_file(path)
 
 
 if __name__ == "__main__":

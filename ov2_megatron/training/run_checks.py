@@ -164,18 +164,21 @@ def tokenizer_identity(path: str) -> dict | None:
                 fingerprint=tokenizer.fingerprint())
 
 
-def check_same_tokenizer(saved: dict | None, now: dict | None, checkpoint: str) -> None:
+def check_same_tokenizer(saved: dict | None, now: dict | None, checkpoint: str,
+                         field: str = "data.tokenizer_model", fix: str = "") -> None:
     """Refuse weights trained with another tokenizer: with the same vocabulary size nothing
     else would notice, and the decoder would learn every caption under new token meanings.
-    `saved` is the checkpoint's record (None in checkpoints written before it existed)."""
+    `saved` is the checkpoint's record (None in checkpoints written before it existed);
+    `field` names where this tokenizer came from, `fix` replaces the training run's fix."""
     if saved is None or now is None or saved["fingerprint"] == now["fingerprint"]:
         return
+    fix = fix or (f"--set data.tokenizer_model={saved['path']} (or a copy of it), or train "
+                  "with the new tokenizer from scratch in a new train.output_dir")
     raise ValueError(
-        f"data.tokenizer_model {now['path']} ({now['pieces']} pieces, vocabulary "
+        f"{field} {now['path']} ({now['pieces']} pieces, vocabulary "
         f"{now['fingerprint'][:12]}) is not the tokenizer that {checkpoint} was trained with "
         f"({saved['path']}, {saved['pieces']} pieces, vocabulary {saved['fingerprint'][:12]}): "
-        f"--set data.tokenizer_model={saved['path']} (or a copy of it), or train with the "
-        "new tokenizer from scratch in a new train.output_dir")
+        f"{fix}")
 
 
 # --- memory ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A checkpoint records the tokenizer it was trained with, and a resume or a stage 2 with
 another one is refused before any step. The case that matters has the same vocabulary size:
 the model's shapes match, the weights load, and the decoder would silently learn every caption
-under new token meanings. A tokenizer trained again to the same vocabulary is accepted."""
+under new token meanings. tools/caption.py refuses one too. A tokenizer trained again to the
+same vocabulary is accepted."""
 
 import json
 import os
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from tests.harness import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.training.test_resume import dataset_cache, tiny  # noqa: F401 (fixture)
 
 
@@ -46,7 +49,28 @@ def tokenizer_checks(stage1: str, stage2: str, work: str) -> dict:
             result["errors"][name] = str(error)
     result["accepted"] = loop.train(tiny(stage1, ["train.steps=2",
                                                   f"data.tokenizer_model={again}"]))["step"]
+    result["caption"] = _caption_with(stage1, other, work)
     return result
+
+
+def _caption_with(run_dir: str, tokenizer: str, work: str) -> tuple[int, str]:
+    """tools/caption.py on the run's checkpoint with --tokenizer: (exit code, stderr)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from PIL import Image
+
+    image = os.path.join(work, "photo.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
+    spec = importlib.util.spec_from_file_location("caption", os.path.join(ROOT, "tools",
+                                                                          "caption.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = tool.main(["--checkpoint", run_dir, "--images", image, "--tokenizer", tokenizer])
+    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +97,20 @@ def test_another_tokenizer_of_the_same_size_is_refused(checked, attempt):
     assert f"vocabulary {result['fingerprint'][:12]}" in message  # the checkpoint's
     assert f"--set data.tokenizer_model={result['trained_with']} " in message
     assert "new train.output_dir" in message
+
+
+def test_captions_refuse_another_tokenizer(checked):
+    """tools/caption.py would decode every caption into other words: refused in one line."""
+    tmp, result = checked
+    code, err = result["caption"]
+    assert code == 2, err
+    # The error is one line (megatron 0.19 logs notices of its own before it).
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: --tokenizer {tmp / 'other.model'} (128 pieces"), err
+    # The latest checkpoint (step 2) was resumed with the same vocabulary from again.model,
+    # and records that path.
+    assert line.endswith(f"--tokenizer {tmp / 'again.model'}"), err
+    assert f"vocabulary {result['fingerprint'][:12]}" in line, err
 
 
 def test_the_same_vocabulary_in_another_file_resumes(checked):
