@@ -72,7 +72,9 @@ def keep_for(run, geom, index):
     return torch.arange(geom.num_patches).expand(len(index), -1)
 
 
-def caption_images(args) -> list[dict]:
+def caption_images(args):
+    """(one result per image, the run's tokenizer or None), the tokenizer checked against
+    the checkpoint before any caption is generated."""
     import numpy as np
     import torch
     from PIL import Image
@@ -86,6 +88,7 @@ def caption_images(args) -> list[dict]:
     paths = image_paths(args.images)
     step_dir, run, chunk, geom, device = megatron_checkpoint.load_for_inference(
         args.checkpoint, args.config, args.device)
+    tokenizer = _tokenizer(args, step_dir, run)
     if args.decoder:
         decoder = caption_decoder_export.load(args.decoder)
     else:
@@ -114,7 +117,7 @@ def caption_images(args) -> list[dict]:
         scores = caption_search.sequence_log_prob(decoder, image_tokens, ids)
         for path, row, score in zip(batch, ids.tolist(), scores.tolist()):
             results.append(dict(image=path, ids=row, log_prob=score))
-    return results
+    return results, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from ov2_megatron.conversion.atomic_output import staged_file
 
     try:
-        results = caption_images(args)
-        tokenizer = _tokenizer(args)
+        results, tokenizer = caption_images(args)
         for result in results:
             result["caption"] = (tokenizer.decode(result["ids"]) if tokenizer
                                  else " ".join(map(str, result["ids"])))
@@ -141,14 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _tokenizer(args):
+def _tokenizer(args, step_dir: str, run):
     """The run's SentencePiece model (or --tokenizer), or None when there is none; refused
     when the checkpoint records another one (ids would decode to other words)."""
-    from ov2_megatron.conversion import megatron_checkpoint
     from ov2_megatron.data.tokenizer import CaptionTokenizer
     from ov2_megatron.training import checkpoint, run_checks
 
-    step_dir, run = megatron_checkpoint.locate(args.checkpoint, args.config)
     path = args.tokenizer or run.data.tokenizer_model
     if not (path and os.path.isfile(path)):
         return None
