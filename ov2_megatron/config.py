@@ -111,8 +111,14 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     layernorm_eps: float = 1e-6
     """LayerNorm epsilon (big_vision / timm ViT default)."""
+    init: str = "official"
+    """Initial weights: 'official', each parameter kind drawn as the official OpenVision 2
+    code draws it (models/parameter_kinds.py: e.g. decoder q/k/v N(0, d^-1/2), ViT fc2 a
+    truncated normal of std sqrt(0.3072/width), CLS N(0, 1e-6)), or 'megatron', one std
+    (model.init_std) for every weight, fan-in scaled for the patch embedding, image projection
+    and head."""
     init_std: float = 0.02
-    """Std of the normal initialiser of linear and embedding weights."""
+    """Std of the 'megatron' scheme (model.init); the official scheme does not read it."""
     transformer_impl: str = "auto"
     """'local' (megatron's own layers: CPU and plain GPU), 'transformer_engine' (GPU, needed
     for FP8), or 'auto' (TE when it imports and CUDA is present, else local)."""
@@ -219,6 +225,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig,
     check_minimums("model.decoder", decoder, DECODER_MINIMUMS)  # back to the variant's value
     _check(model.layernorm_eps > 0, f"model.layernorm_eps {model.layernorm_eps} must be > 0 "
            "(it keeps LayerNorm's division finite; reference 1e-6)")
+    _check(model.init in ("official", "megatron"),
+           f"model.init {model.init!r}: use 'official' (the OpenVision 2 code's initialisers) "
+           "or 'megatron' (one std, model.init_std)")
     _check(model.init_std > 0, f"model.init_std {model.init_std} must be > 0 (reference 0.02)")
     _check(decoder.loss_weight > 0, f"model.decoder.loss_weight {decoder.loss_weight} must be "
            "> 0 (reference 2.0): at 0 the caption loss, the only loss, trains nothing")

@@ -6,16 +6,23 @@ parameter is drawn whole from a generator seeded by (seed, its standard name), i
 standard layout, then converted to megatron's layout and cut to this rank's TP shard. Every
 layout therefore starts from the same model, which makes runs comparable and lets the
 equivalence tests compare whole training trajectories.
+
+Two schemes (model.init): 'official', each parameter kind as the official OpenVision 2 code
+draws it (models/parameter_kinds.py), and 'megatron', one std (model.init_std) for every
+weight but the three whose input is not a unit-scale residual stream.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
 from megatron.core import parallel_state
 
+from ov2_megatron.config import ModelConfig
 from ov2_megatron.models import state_dict_adapter as adapter
+from ov2_megatron.models.parameter_kinds import Init, official_init
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -28,24 +35,44 @@ def _generator(seed: int, name: str) -> torch.Generator:
 _FAN_IN_SCALED = ("vision.patch_embed.weight", "decoder.img_proj.weight", "decoder.head.weight")
 
 
-def _standard_value(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """The full tensor in the standard layout (vocabulary unpadded)."""
+def megatron_init(name: str, shape: tuple[int, ...], std: float) -> Init:
+    """The 'megatron' scheme: N(0, std) for every weight, fan-in scaled where noted above."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "bias":
-        return torch.zeros(shape)
+        return Init("zeros")
     if (".ln" in name or ".norm." in name) and leaf == "weight":
-        return torch.ones(shape)
+        return Init("ones")
     if name in _FAN_IN_SCALED:
-        fan_in = 1
-        for size in shape[1:]:
-            fan_in *= size
-        std = fan_in ** -0.5
-    return torch.randn(shape, generator=_generator(seed, name)) * std
+        return Init("normal", math.prod(shape[1:]) ** -0.5)
+    return Init("normal", std)
 
 
-def initialize_weights(chunk, seed: int, std: float, vit_heads: int, decoder_heads: int,
-                       vocab_size: int) -> None:
+def draw(init: Init, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A tensor of `shape` from `init`."""
+    if init.kind == "zeros":
+        return torch.zeros(shape)
+    if init.kind == "ones":
+        return torch.ones(shape)
+    if init.kind == "uniform":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * init.bound
+    if init.kind == "truncated_normal":
+        sigma = init.bound / 2  # the uncut normal's std
+        return torch.nn.init.trunc_normal_(torch.empty(shape), 0.0, sigma, -2 * sigma,
+                                           2 * sigma, generator=generator)
+    return torch.randn(shape, generator=generator) * init.std
+
+
+def parameter_init(name: str, shape: tuple[int, ...], model: ModelConfig) -> Init:
+    """The initialiser of standard parameter `name` (full `shape`) under model.init."""
+    if model.init == "megatron":
+        return megatron_init(name, shape, model.init_std)
+    return official_init(name, shape, model.vision.shape()[0].width, model.decoder.shape().width)
+
+
+def initialize_weights(chunk, seed: int, model: ModelConfig) -> None:
     """Overwrite every parameter of `chunk` (an OpenVision2 module) in place."""
+    vit_heads, decoder_heads = model.vision.shape()[0].num_heads, model.decoder.shape().num_heads
+    vocab_size = model.decoder.vocab_size
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for name, param in chunk.named_parameters():
@@ -54,9 +81,8 @@ def initialize_weights(chunk, seed: int, std: float, vit_heads: int, decoder_hea
         sharded = getattr(param, "tensor_model_parallel", False)
         if sharded:
             full_shape[param.partition_dim] *= tp
-        if std_name in adapter.VOCAB_ROWS:
-            value = _standard_value(std_name, (vocab_size, *full_shape[1:]), std, seed)
-        else:
-            value = _standard_value(std_name, tuple(full_shape), std, seed)
+        shape = (vocab_size, *full_shape[1:]) if std_name in adapter.VOCAB_ROWS \
+            else tuple(full_shape)
+        value = draw(parameter_init(std_name, shape, model), shape, _generator(seed, std_name))
         adapter.copy_from_standard(param, name, chunk.plan, value, vit_heads, decoder_heads,
                                    full_shape[0], tp, tp_rank)

@@ -193,8 +193,7 @@ def build_chunks(model: ModelConfig, parallel: ParallelConfig, geom: SequenceGeo
         from ov2_megatron.models.init import initialize_weights
 
         for chunk in chunks:
-            initialize_weights(chunk, init_seed, model.init_std, vit.num_heads, dec.num_heads,
-                               model.decoder.vocab_size)
+            initialize_weights(chunk, init_seed, model)
     for chunk in chunks:
         # torch LayerNorms ignore params_dtype; megatron's Float16Module casts the same way.
         chunk.to(dtype=params_dtype)

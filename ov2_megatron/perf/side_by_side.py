@@ -116,15 +116,12 @@ class _Trainer:
         from ov2_megatron.models.openvision1 import OpenVision1
         from ov2_megatron.models.openvision2 import build_chunks
 
-        vit, _ = model.vision.shape()
-        dec = model.decoder.shape()
         self.kind, self.geom = kind, validate_model(model, ParallelConfig())
         if kind == "ov2":
             (self.module,) = build_chunks(model, ParallelConfig(), self.geom, init_seed=seed)
         elif kind in OV1_VARIANTS:
             self.module = OpenVision1(model, **ov1_options(kind, model))
-            initialize_weights(self.module.captioner, seed, model.init_std, vit.num_heads,
-                               dec.num_heads, model.decoder.vocab_size)
+            initialize_weights(self.module.captioner, seed, model)
         else:
             raise ValueError(f"model kind {kind!r}: use ov2 or one of {', '.join(OV1_VARIANTS)}")
         self.module.to(local_device())

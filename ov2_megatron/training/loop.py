@@ -288,6 +288,7 @@ def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
     if step_dir is None:
         if run.train.init_from:
             stage_transfer.load_stage_weights(run.train.init_from, model, run)
+            adopt_loaded_weights(optimizer)
         return 0, None
     meta = checkpoint.read_meta(step_dir)
     run_checks.check_same_tokenizer(meta.get("tokenizer"),
@@ -314,10 +315,21 @@ def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
                   "(only the data-parallel size may change with the optimizer state kept, in "
                   "checkpoints that list their ranks' coordinates)",
                   flush=True)
+        adopt_loaded_weights(optimizer)
         scheduler.step(increment=meta["step"])  # keep the LR schedule on time
         return meta["step"], None
     scheduler.load_state_dict(meta["scheduler"])
     return meta["step"], data_states
+
+
+def adopt_loaded_weights(optimizer) -> None:
+    """After weights were written into the model behind the optimizer's back (a weights-only
+    load: stage 2, another TP/PP layout, an imported checkpoint): refresh its fp32 master
+    copies from them. In bf16 the distributed optimizer keeps its own fp32 copy of every
+    weight, cloned when it was built, and each step writes that copy back into the model: the
+    first step would otherwise restore the freshly initialised weights (in fp32 the masters
+    are views of the weights themselves). Megatron-LM calls this after such loads too."""
+    optimizer.reload_model_params()
 
 
 def _dp_size(layout: dict) -> int:

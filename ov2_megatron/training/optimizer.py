@@ -1,7 +1,9 @@
 """AdamW through megatron's (distributed) optimizer, and the warmup + cosine schedule.
 
-Weight decay skips norms and biases (1-D), the CLS/register tokens and position embeddings:
-they are offsets, not projections, and decaying them towards zero only erases information.
+Weight decay follows the official mask (models/parameter_kinds.decays): Dense and Conv
+weights only, not norms, biases, CLS/register tokens, position tables nor the caption token
+embedding. Decoupled, as optax's add_decayed_weights before scale_by_learning_rate:
+p -= lr * (adam_update + weight_decay * p), which is torch AdamW's step.
 """
 
 from __future__ import annotations
@@ -10,14 +12,19 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
 
+from ov2_megatron.models.parameter_kinds import decays
+from ov2_megatron.models.state_dict_adapter import standard_name
 from ov2_megatron.training.run_config import TrainConfig, effective_warmup
 
-_NO_DECAY_NAMES = ("cls_token", "registers", "pos_embed")
 
-
-def _no_weight_decay(param: torch.nn.Parameter, name: str) -> bool:
-    return param.ndim == 1 or name.endswith(".bias") or name.split(".")[-1] in _NO_DECAY_NAMES
+def undecayed_parameters(model_chunks: list) -> set[int]:
+    """ids of the parameters the official mask leaves undecayed (by their standard names,
+    which depend on each chunk's pipeline plan: megatron's own names do not say the layer)."""
+    return {id(param) for chunk in model_chunks
+            for name, param in unwrap_model(chunk).named_parameters()
+            if not decays(standard_name(name, unwrap_model(chunk).plan))}
 
 
 def build_optimizer(model_chunks: list, train: TrainConfig):
@@ -27,8 +34,10 @@ def build_optimizer(model_chunks: list, train: TrainConfig):
         clip_grad=train.clip_grad, bf16=train.precision == "bf16",
         params_dtype=torch.bfloat16 if train.precision == "bf16" else torch.float32,
         use_distributed_optimizer=True)
+    undecayed = undecayed_parameters(model_chunks)
+    # Given overrides, megatron applies only these (not its own bias / 1-D rule).
     no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
-        name="ov2_no_weight_decay", fn=_no_weight_decay))
+        name="ov2_official_decay_mask", fn=lambda param, name: id(param) in undecayed))
     optimizer = get_megatron_optimizer(config, model_chunks,
                                        config_overrides={no_decay: {"wd_mult": 0.0}})
     scheduler = OptimizerParamScheduler(

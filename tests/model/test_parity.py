@@ -30,7 +30,7 @@ def tiny_config(mask: str, learned: bool, loss_kernel: str = "chunked", pad_mult
                     vocab_pad_multiple=pad_multiple, loss_kernel=loss_kernel,
                     caption_length=CAPTION, pad_id=0, mask=mask,
                     pos_embed="learned" if learned else "none"),
-        transformer_impl="local", init_std=0.05)
+        transformer_impl="local", init="megatron", init_std=0.05)
 
 
 def batch(num_patches: int, num_kept: int):

@@ -17,7 +17,7 @@ def tiny_model(keep_ratio=0.5, width=64, image=32, vocab=100, caption=12):
                             keep_ratio=keep_ratio),
         decoder=DecoderConfig(variant="B", width=48, depth=2, mlp_dim=96, num_heads=4,
                               vocab_size=vocab, vocab_pad_multiple=128, caption_length=caption),
-        transformer_impl="local", init_std=0.05)
+        transformer_impl="local", init="megatron", init_std=0.05)
 
 
 def check_ov1_parts():
@@ -38,7 +38,7 @@ def check_ov1_parts():
     (ov2,) = build_chunks(model, ParallelConfig(), geom, init_seed=4)
     torch.manual_seed(0)
     ov1 = OpenVision1(model, text_length=8)
-    initialize_weights(ov1.captioner, 4, model.init_std, 4, 4, model.decoder.vocab_size)
+    initialize_weights(ov1.captioner, 4, model)
     images, tokens, _ = _batch(model, geom, 6, seed=1)
     texts = text_inputs(tokens, 8, cls_id=1)
     texts[:, 1, :3] = 7  # the second caption differs from the alt-text

@@ -25,7 +25,7 @@ def tiny_run(tp=1, pp=1, vpp=None, sp=False, recompute="none", precision="fp32")
                             mlp_dim=128, num_heads=4, num_registers=1, keep_ratio=0.5),
         decoder=DecoderConfig(variant="B", width=48, depth=4, mlp_dim=96, num_heads=4,
                               vocab_size=VOCAB, vocab_pad_multiple=128, caption_length=CAPTION, pad_id=0),
-        transformer_impl="local", init_std=0.05)
+        transformer_impl="local", init="megatron", init_std=0.05)
     train = TrainConfig(steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO, lr=1e-3,
                         warmup_steps=1, weight_decay=0.1, clip_grad=1.0, precision=precision,
                         seed=11, recompute=recompute)
