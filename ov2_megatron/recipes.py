@@ -55,10 +55,13 @@ def tiny_cpu(stage: int = 1) -> RunConfig:
         decoder=DecoderConfig(variant="B", width=128, depth=2, mlp_dim=512, num_heads=4,
                               vocab_size=128, vocab_pad_multiple=128, caption_length=48,
                               pad_id=0),
-        transformer_impl="local", init_std=0.02)
+        transformer_impl="local")
+    # The official rules at a demo's size: lengths in images (300 and 60 steps at batch 64),
+    # the LR per 256 images (2e-3 and 2e-4 at 64). Lighter decay, fp32 (CPU).
     train = TrainConfig(
-        steps=300 if stage == 1 else 60, global_batch=64, micro_batch=32,
-        lr=2e-3 if stage == 1 else 2e-4, warmup_steps=30 if stage == 1 else 5,
+        samples=19_200 if stage == 1 else 3_840, steps=None, global_batch=64, micro_batch=32,
+        base_lr=8e-3 if stage == 1 else 8e-4, lr=None,
+        warmup_samples=1_920 if stage == 1 else 320, warmup_steps=None,
         weight_decay=0.05, precision="fp32", seed=0, output_dir=f"runs/tiny_cpu/stage{stage}",
         init_from="" if stage == 1 else "runs/tiny_cpu/stage1", log_interval=20,
         save_interval=100, eval_interval=0, eval_batches=4, num_generate=4)
@@ -72,26 +75,39 @@ def tiny_cpu(stage: int = 1) -> RunConfig:
                                     vocab_size=128))
 
 
+# The released OpenVision 2 schedule (src/configs/openvision2.py and
+# scripts/project/openvision2/train.sh of the official code): lengths in "virtual ImageNet
+# epochs" of 1,281,167 images, LR per 256 images, both following the global batch.
+IMAGENET_EPOCH = 1_281_167
+STAGES = {  # stage: (epochs, warmup epochs, global batch, base LR)
+    1: (10_000, 40, 32_768, 8e-6),  # 12.8B images at 84 px, peak LR 1.024e-3
+    2: (800, 20, 16_384, 4e-7),  # 1.02B images at 224+ px, peak LR 2.56e-5
+}
+# The official tf.data shuffle buffer (per reading process): DALI's webdataset reader holds
+# as many encoded samples per rank (host memory ~ 250k x the mean stored sample size).
+OFFICIAL_SHUFFLE_BUFFER = 250_000
+
+
 def _paper_stages(name: str, vision: VisionConfig, parallel: ParallelConfig, stage: int,
                   stage2_resolution: int, micro_batch: int, shards: ShardSets) -> RunConfig:
-    """The released OpenVision 2 schedule: 84 px at batch 32k, then 224+ px at 16k."""
+    """The released OpenVision 2 schedule: 84 px at batch 32k, then 224+ px at 16k, with the
+    official optimizer (no gradient clipping, decay mask and initialisation as defaulted)."""
     first = stage == 1
     vision.image_size = 84 if first else stage2_resolution
-    samples = 12_800_000_000 if first else 1_000_000_000
-    batch = 32_768 if first else 16_384
-    warmup = 51_000_000 if first else 26_000_000
+    epochs, warmup_epochs, batch, base_lr = STAGES[stage]
     model = ModelConfig(vision=vision, decoder=DecoderConfig(variant="L", vocab_size=32000,
                                                              caption_length=128),
                         transformer_impl="auto")
     train = TrainConfig(
-        steps=samples // batch, global_batch=batch, micro_batch=micro_batch,
-        lr=1.024e-3 if first else 2.56e-5, min_lr=0.0, warmup_steps=warmup // batch,
-        weight_decay=0.2, precision="bf16", output_dir=f"runs/{name}/stage{stage}",
+        samples=epochs * IMAGENET_EPOCH, steps=None, global_batch=batch, micro_batch=micro_batch,
+        base_lr=base_lr, lr=None, min_lr=0.0, warmup_samples=warmup_epochs * IMAGENET_EPOCH,
+        warmup_steps=None, weight_decay=0.2, clip_grad=0.0, precision="bf16",
+        output_dir=f"runs/{name}/stage{stage}",
         init_from="" if first else f"runs/{name}/stage1", log_interval=10, save_interval=1000,
         eval_interval=5000)
     data = DataConfig(train_shards=shards.train_for(stage), val_shards=shards.val,
                       resolution=vision.image_size, caption_length=128, crop_scale=(0.4, 1.0),
-                      num_threads=8)
+                      num_threads=8, shuffle_buffer=OFFICIAL_SHUFFLE_BUFFER)
     return RunConfig(name=name, stage=stage, model=model, parallel=parallel, data=data,
                      train=train)
 

@@ -3,6 +3,7 @@
 
 Keys for --set are dotted paths into the run config (see --help-keys), e.g.
     --set train.steps=100 --set train.output_dir=runs/try --set parallel.tensor=2
+(a length in steps replaces the recipe's train.samples; train.lr replaces train.base_lr)
     --set parallel.sequence_parallel=true --set data.train_shards=/data/shards
 Given data.train_shards, a run uses only your data: no synthetic set, validation on
 data.val_shards (or a held-out training shard), model.decoder.vocab_size from the tokenizer.
@@ -74,7 +75,9 @@ _KEY_NOTES = {
     "model.decoder.vocab_size": "follows data.tokenizer_model unless set here (then it must "
                                 "match the tokenizer)",
     "train.warmup_steps": "absolute (a run too short for it warms up over its first tenth, "
-                          "said in the start line); none to use train.warmup_fraction",
+                          "said in the start line); a --set unsets warmup_samples/fraction",
+    "train.steps": "a --set unsets train.samples (and the reverse)",
+    "train.lr": "a --set unsets train.base_lr (and the reverse)",
 }
 
 
@@ -92,7 +95,7 @@ def _keys(obj, prefix="") -> list[str]:
 
 def dry_run(run, world_size: int, world_source: str = "") -> None:
     from ov2_megatron.models.flops import train_flops_per_sample
-    from ov2_megatron.training.run_config import validate_run, warmup_rule
+    from ov2_megatron.training.run_config import validate_run
     from ov2_megatron.variants import decoder_parameter_count, encoder_parameter_count
 
     notes = _dry_run_data(run, world_size)
@@ -112,7 +115,8 @@ def dry_run(run, world_size: int, world_source: str = "") -> None:
           f"{p.sequence_parallel}{source}")
     for note in notes:
         print(note)
-    print(f"schedule: {run.train.steps} steps, {warmup_rule(run.train)}")
+    for line in _recipe_lines(run, geom):
+        print(line)
     print(f"sequences: ViT {geom.vit_seq} ({geom.num_patches} patches + {geom.vit_prefix} "
           f"prefix + {geom.vit_seq - geom.vit_tokens} padding), decoder {geom.decoder_seq} "
           f"({geom.num_kept} kept + {geom.text_len} text + "
@@ -121,6 +125,28 @@ def dry_run(run, world_size: int, world_source: str = "") -> None:
         print(f"alignment: {note}")
     print(f"parameters: encoder {encoder:,}, decoder {decoder:,}, total {encoder + decoder:,}")
     print(f"train FLOPs per image: {train_flops_per_sample(run.model, geom, run.train.recompute):.3e}")
+
+
+def _recipe_lines(run, geom) -> list[str]:
+    """The schedule and optimizer as they will run, each with the rule that gave it, and the
+    weight-decay mask and initialisation (what the official recipe fixes)."""
+    from ov2_megatron.conversion.megatron_checkpoint import standard_shapes
+    from ov2_megatron.models.parameter_kinds import mask_summary
+    from ov2_megatron.training.run_config import length_rule, lr_rule, warmup_rule
+
+    t = run.train
+    decayed, undecayed = mask_summary(standard_shapes(run.model, geom))
+    clip = (f"clip_grad {t.clip_grad}" if t.clip_grad else
+            "clip_grad 0 (no clipping, as the official recipe)")
+    return [f"schedule: {length_rule(t)}, {lr_rule(t)}, {warmup_rule(t)}, cosine to "
+            f"{t.min_lr}",
+            f"optimizer: AdamW betas ({t.beta1}, {t.beta2}), eps {t.eps}, {clip}",
+            f"weight decay {t.weight_decay} x LR (the official mask: Dense/Conv weights) on: "
+            + ", ".join(decayed),
+            "no weight decay on: " + ", ".join(undecayed),
+            f"initialisation: model.init {run.model.init}" +
+            (" (each parameter kind as the official code: models/parameter_kinds.py)"
+             if run.model.init == "official" else f", std {run.model.init_std}")]
 
 
 def _dry_run_data(run, world_size: int) -> list[str]:

@@ -53,13 +53,16 @@ def _copy_weights(chunk, reference, model: ModelConfig) -> None:
 
 
 def _reference_optimizer(reference, train):
-    """AdamW as configured for megatron: no decay on 1-D parameters and the extra tokens."""
+    """AdamW as configured for megatron: decay on the official mask (the twin's parameter
+    names are the standard ones)."""
+    from ov2_megatron.models.parameter_kinds import decays
+    from ov2_megatron.training.run_config import peak_lr
+
     decay, plain = [], []
     for name, param in reference.named_parameters():
-        skip = param.ndim == 1 or name.endswith(("cls_token", "registers", "pos_embed"))
-        (plain if skip else decay).append(param)
+        (decay if decays(name) else plain).append(param)
     return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": plain, "weight_decay": 0.0}], lr=train.lr,
+                              {"params": plain, "weight_decay": 0.0}], lr=peak_lr(train),
                              betas=(train.beta1, train.beta2), eps=train.eps, foreach=False)
 
 
@@ -112,7 +115,8 @@ def megatron_vs_reference(run, rounds: int = 5) -> dict:
         ref_optimizer.zero_grad(set_to_none=True)
         out = reference(*batches[i])
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), run.train.clip_grad)
+        if run.train.clip_grad:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), run.train.clip_grad)
         reference_optimizer_step()
         losses["reference"].append(float(out["caption_loss"]))
 

@@ -98,3 +98,14 @@ def _block_init(tower: str, part: str, vit_width: int, decoder_width: int) -> In
         "mlp.fc1": Init("normal", (2 * d) ** -0.5),
         "mlp.fc2": Init("normal", d ** -0.5 * (2 * _OFFICIAL_BLOCK_DEPTH) ** -0.5),
     }[part]
+
+
+def mask_summary(names) -> tuple[list[str], list[str]]:
+    """(decayed, undecayed) standard names with block indices written `*`, in order: the
+    mask as --dry-run lists it."""
+    decayed: dict[str, None] = {}
+    undecayed: dict[str, None] = {}
+    for name in names:
+        pattern = re.sub(r"\.blocks\.\d+\.", ".blocks.*.", name)
+        (decayed if decays(name) else undecayed)[pattern] = None
+    return list(decayed), list(undecayed)

@@ -39,8 +39,8 @@ from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, eva
                                    process_lifetime, run_checks, run_lock, stage_transfer)
 from ov2_megatron.training.metrics import DataWaitMonitor, MetricsLogger, data_wait_fraction
 from ov2_megatron.training.optimizer import build_optimizer
-from ov2_megatron.training.run_config import (RunConfig, overlap_settings, validate_run,
-                                              warmup_rule)
+from ov2_megatron.training.run_config import (RunConfig, lr_rule, overlap_settings, total_steps,
+                                              validate_run, warmup_rule)
 from ov2_megatron.training.step import BatchStream, run_schedule
 
 
@@ -204,7 +204,8 @@ def _train(run: RunConfig) -> dict:
     stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
                          local_device())
     data_wait_monitor = DataWaitMonitor(t.data_wait_window, t.data_wait_warn_fraction)
-    logger = MetricsLogger(run_dir, t.steps, enabled=rank0, data_wait=data_wait_monitor)
+    steps = total_steps(t)
+    logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor)
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
@@ -215,9 +216,9 @@ def _train(run: RunConfig) -> dict:
     step = start_step
     if rank0:
         print(f"{run.name} stage {run.stage}: {impl} layers, layout TP{p.tensor} PP{p.pipeline}"
-              f" DP{dp_size}, {micro_batches} micro-batches/step, steps {start_step}->{t.steps}, "
-              f"device {device_name}, {warmup_rule(t)}", flush=True)
-    while step < t.steps:
+              f" DP{dp_size}, {micro_batches} micro-batches/step, steps {start_step}->{steps}, "
+              f"device {device_name}, {lr_rule(t)}, {warmup_rule(t)}", flush=True)
+    while step < steps:
         batches, data_wait = stream.step_batches(step)
         started = time.perf_counter()
         loss, grad_norm, totals = train_step(model, optimizer, scheduler, batches, geom,
@@ -234,8 +235,9 @@ def _train(run: RunConfig) -> dict:
                 checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
             raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row at step {step}: "
                                "stopped; the checkpoint holds the last good weights (lower "
-                               "train.lr, check the data, or raise train.max_nonfinite)")
-        if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
+                               "the LR: train.base_lr or train.lr; check the data, or raise "
+                               "train.max_nonfinite)")
+        if step % t.log_interval == 0 or step == steps or step == start_step + 1:
             tflops = flops * t.global_batch / elapsed / dist.get_world_size() / 1e12
             logger.log(step, dict(
                 loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
@@ -247,7 +249,7 @@ def _train(run: RunConfig) -> dict:
                 memory_gb=_memory_gb(), skipped=skipped,
                 bad_samples=loader.stats()))  # {reason: count}: metrics.py shows each
         preempted = stop.agreed()
-        if step % t.save_interval == 0 or step == t.steps or preempted:
+        if step % t.save_interval == 0 or step == steps or preempted:
             with weights_gathered(model):
                 checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
             checkpoint.prune(root, t.keep_last)
@@ -257,7 +259,7 @@ def _train(run: RunConfig) -> dict:
                       f"{step}; rerun the same command to resume", flush=True)
             logger.close()
             return dict(step=step, preempted=True)
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+        if t.eval_interval and step % t.eval_interval == 0 and step < steps:
             with weights_gathered(model):
                 evaluate.validation(run, model, geom, logger, step)
     with weights_gathered(model):

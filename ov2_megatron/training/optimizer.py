@@ -16,7 +16,7 @@ from megatron.core.utils import unwrap_model
 
 from ov2_megatron.models.parameter_kinds import decays
 from ov2_megatron.models.state_dict_adapter import standard_name
-from ov2_megatron.training.run_config import TrainConfig, effective_warmup
+from ov2_megatron.training.run_config import TrainConfig, effective_warmup, peak_lr, total_steps
 
 
 def undecayed_parameters(model_chunks: list) -> set[int]:
@@ -28,8 +28,9 @@ def undecayed_parameters(model_chunks: list) -> set[int]:
 
 
 def build_optimizer(model_chunks: list, train: TrainConfig):
+    lr, steps = peak_lr(train), total_steps(train)
     config = OptimizerConfig(
-        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        optimizer="adam", lr=lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.beta1, adam_beta2=train.beta2, adam_eps=train.eps,
         clip_grad=train.clip_grad, bf16=train.precision == "bf16",
         params_dtype=torch.bfloat16 if train.precision == "bf16" else torch.float32,
@@ -41,10 +42,10 @@ def build_optimizer(model_chunks: list, train: TrainConfig):
     optimizer = get_megatron_optimizer(config, model_chunks,
                                        config_overrides={no_decay: {"wd_mult": 0.0}})
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
-        lr_warmup_steps=effective_warmup(train), lr_decay_steps=max(train.steps, 1),
+        optimizer, init_lr=0.0, max_lr=lr, min_lr=train.min_lr,
+        lr_warmup_steps=effective_warmup(train), lr_decay_steps=steps,
         lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
-        wd_incr_steps=train.steps, wd_incr_style="constant")
+        wd_incr_steps=steps, wd_incr_style="constant")
     return optimizer, scheduler
 
 

@@ -15,31 +15,43 @@ from ov2_megatron.data.config import DataConfig
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps in this stage."""
+    samples: int | None = None
+    """Images this stage trains on, the official way to give a length: steps = samples //
+    global_batch (floored, as the official config), so a changed global batch keeps the
+    images seen. One of train.samples / train.steps is set; a --set of one unsets the other."""
+    steps: int | None = 1000
+    """Optimizer steps, for a length given in steps (smoke tests, benchmarks)."""
     global_batch: int = 256
     """Images per optimizer step over all data-parallel replicas."""
     micro_batch: int = 8
     """Images per forward/backward on one replica (gradient accumulation fills the rest)."""
-    lr: float = 1e-3
-    """Peak learning rate (after warmup)."""
+    base_lr: float | None = None
+    """Peak learning rate per 256 images, the official rule: lr = base_lr x global_batch /
+    256, so the LR follows a changed global batch. One of train.base_lr / train.lr is set; a
+    --set of one unsets the other."""
+    lr: float | None = 1e-3
+    """Peak learning rate as given, whatever the global batch."""
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay."""
+    warmup_samples: int | None = None
+    """Linear warmup from 0 to the peak LR over this many images (warmup steps =
+    warmup_samples // global_batch, as the official config). One of train.warmup_samples /
+    warmup_steps / warmup_fraction is set; a --set of one unsets the others."""
     warmup_steps: int | None = 100
     """Linear warmup steps from 0 to lr, absolute: the same whatever train.steps. Only a run
-    too short to hold it (steps <= warmup_steps, e.g. a smoke test) warms up over its first
-    tenth instead, and the start line and --dry-run say so. None: use warmup_fraction."""
+    too short to hold its warmup (steps <= warmup, e.g. a smoke test) warms up over its first
+    tenth instead, and the start line and --dry-run say so."""
     warmup_fraction: float | None = None
-    """Warmup as a fraction of train.steps (e.g. 0.05), for a warmup that scales with the run;
-    only with warmup_steps=none (setting both is an error). The start line says which rule
-    gave the warmup."""
+    """Warmup as a fraction of the run's steps (e.g. 0.05), for a warmup that scales with the
+    run. The start line says which rule gave the warmup."""
     weight_decay: float = 0.2
-    """AdamW weight decay (not on norms, biases, CLS/register tokens, position embeddings)."""
+    """Decoupled weight decay, multiplied by the LR, on the official mask: Dense and Conv
+    weights only (models/parameter_kinds.py; --dry-run lists it)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    clip_grad: float = 0.0
+    """Global gradient-norm clip; 0 (the official recipe) clips nothing."""
     precision: str = "bf16"
     """'bf16' (mixed precision, fp32 master weights) or 'fp32'."""
     recompute: str = "none"
@@ -124,7 +136,24 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
             target = getattr(target, name)
         _assign(target, names[-1], raw, path)
         run.explicit = (*run.explicit, path)
+        _unset_alternatives(run, path)
     return run
+
+
+# Ways to give one quantity: a recipe sets one of each group, and a --set of another member
+# replaces it (--set train.steps=10 on a recipe that gives train.samples). Setting two members
+# in one command is refused by validate_run, naming both.
+ALTERNATIVES = (("train.samples", "train.steps"), ("train.base_lr", "train.lr"),
+                ("train.warmup_samples", "train.warmup_steps", "train.warmup_fraction"))
+
+
+def _unset_alternatives(run: RunConfig, path: str) -> None:
+    for group in ALTERNATIVES:
+        if path not in group or getattr(run.train, path.split(".")[1]) is None:
+            continue
+        for other in group:
+            if other != path and other not in run.explicit:
+                setattr(run.train, other.split(".")[1], None)
 
 
 def _assign(target, name: str, raw: str, path: str) -> None:
@@ -187,6 +216,7 @@ def validate_run(run: RunConfig, world_size: int,
         raise ValueError(f"world size {world_size!r} must be >= 1")
     validate_parallel(p)
     check_minimums("train", t, TRAIN_MINIMUMS)
+    _check_alternatives(t)
     _check_floats(t)
     model_parallel = p.tensor * p.pipeline
     if world_size % model_parallel:
@@ -211,8 +241,10 @@ def validate_run(run: RunConfig, world_size: int,
         (not overlap_settings(t)[1] or overlap_settings(t)[0],
          "train.overlap_param_gather needs train.overlap_grad_reduce (megatron gathers the "
          "weights from the buckets the overlapped reduce-scatter fills): set both, or neither"),
-        (t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr {t.lr} / min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
-        *_warmup_checks(t),
+        (peak_lr(t) > 0 and 0 <= t.min_lr <= peak_lr(t),
+         f"{lr_rule(t)} / train.min_lr {t.min_lr}: need 0 <= min_lr <= lr, lr > 0"),
+        (total_steps(t) >= 1, f"train.samples {t.samples} is less than one global batch "
+         f"({t.global_batch}): no step to train; raise train.samples or set train.steps"),
         (run.stage in (1, 2), f"stage {run.stage}: use 1 or 2"),
         (run.data.resolution == run.model.vision.image_size,
          f"data.resolution {run.data.resolution} != model.vision.image_size "
@@ -246,10 +278,13 @@ def overlap_settings(t: TrainConfig) -> tuple[bool, bool]:
 
 # Integer fields of TrainConfig and their smallest legal value, with what each counts.
 TRAIN_MINIMUMS = {
-    "steps": (1, "optimizer steps in this stage"),
+    "samples": (1, "images in this stage; none to give train.steps"),
+    "steps": (1, "optimizer steps in this stage; none to give train.samples"),
+    "warmup_samples": (0, "warmup images; none to use train.warmup_steps or warmup_fraction"),
     "global_batch": (1, "images per optimizer step over all replicas"),
     "micro_batch": (1, "images per forward/backward on one replica"),
-    "warmup_steps": (0, "linear warmup steps; none to use train.warmup_fraction"),
+    "warmup_steps": (0, "linear warmup steps; none to use train.warmup_samples or "
+                     "warmup_fraction"),
     "seed": (0, "seeds init, token dropping and data order"),
     "log_interval": (1, "steps between metrics lines"),
     "data_wait_window": (1, "steps per data-wait check"),
@@ -278,36 +313,80 @@ def _check_floats(t: TrainConfig) -> None:
             raise ValueError(message)
 
 
-def _warmup_checks(t: TrainConfig) -> list[tuple[bool, str]]:
-    both = t.warmup_steps is not None and t.warmup_fraction is not None
-    neither = t.warmup_steps is None and t.warmup_fraction is None
-    return [
-        (not both, f"train.warmup_steps {t.warmup_steps} and train.warmup_fraction "
-         f"{t.warmup_fraction} are both set: keep one (--set train.warmup_steps=none to use "
-         "the fraction, or train.warmup_fraction=none for the absolute steps)"),
-        (not neither, "train.warmup_steps and train.warmup_fraction are both none: set one"),
-        (t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
-         f"train.warmup_fraction {t.warmup_fraction} must be in [0, 1)"),
-    ]
+def _check_alternatives(t: TrainConfig) -> None:
+    """Exactly one member of each ALTERNATIVES group is set."""
+    for group in ALTERNATIVES:
+        given = [key for key in group if getattr(t, key.split(".")[1]) is not None]
+        if len(given) > 1:
+            values = ", ".join(f"{key} {getattr(t, key.split('.')[1])}" for key in given)
+            raise ValueError(f"{values} are {'both' if len(given) == 2 else 'all'} set: keep one (--set {given[1]}=none keeps "
+                             f"{given[0]}, or give only the one you mean)")
+        if not given:
+            raise ValueError(f"{' / '.join(group)} are all none: set one")
+    if t.warmup_fraction is not None and not 0 <= t.warmup_fraction < 1:
+        raise ValueError(f"train.warmup_fraction {t.warmup_fraction} must be in [0, 1)")
+
+
+def total_steps(train: TrainConfig) -> int:
+    """Optimizer steps of the stage: train.steps, or train.samples // train.global_batch."""
+    if train.samples is None:
+        return train.steps
+    return train.samples // train.global_batch
+
+
+def peak_lr(train: TrainConfig) -> float:
+    """The peak LR: train.lr, or train.base_lr x train.global_batch / 256."""
+    if train.base_lr is None:
+        return train.lr
+    return train.base_lr * train.global_batch / 256
+
+
+def length_rule(train: TrainConfig) -> str:
+    steps = total_steps(train)
+    if train.samples is None:
+        return f"steps {steps:,} (train.steps)"
+    return (f"steps {steps:,} (train.samples {train.samples:,} // train.global_batch "
+            f"{train.global_batch}; {steps * train.global_batch:,} images)")
+
+
+def lr_rule(train: TrainConfig) -> str:
+    if train.base_lr is None:
+        return f"lr {peak_lr(train):.3e} (train.lr)"
+    return (f"lr {peak_lr(train):.3e} (train.base_lr {train.base_lr:.3e} x train.global_batch "
+            f"{train.global_batch} / 256)")
 
 
 def effective_warmup(train: TrainConfig) -> int:
-    """Warmup steps: train.warmup_steps as given; warmup_fraction x train.steps (floor); or,
-    for a run too short for its warmup_steps, a tenth of it (the LR schedule needs the warmup
-    to end before the last step). warmup_rule says which."""
-    if train.warmup_steps is None:
-        return int(train.warmup_fraction * train.steps)
-    return train.warmup_steps if train.warmup_steps < train.steps else train.steps // 10
+    """Warmup steps: train.warmup_steps as given, or train.warmup_samples // global batch;
+    warmup_fraction x the steps (floor); or, for a run too short for its absolute warmup, a
+    tenth of it (the LR schedule needs the warmup to end before the last step). warmup_rule
+    says which."""
+    steps = total_steps(train)
+    if train.warmup_fraction is not None:
+        return int(train.warmup_fraction * steps)
+    warmup = _absolute_warmup(train)
+    return warmup if warmup < steps else steps // 10
+
+
+def _absolute_warmup(train: TrainConfig) -> int:
+    if train.warmup_samples is not None:
+        return train.warmup_samples // train.global_batch
+    return train.warmup_steps
 
 
 def warmup_rule(train: TrainConfig) -> str:
     """The warmup and the rule that gave it, for the start line and --dry-run."""
-    steps = effective_warmup(train)
-    if train.warmup_steps is None:
-        return (f"warmup {steps} steps (train.warmup_fraction {train.warmup_fraction} of "
-                f"{train.steps} steps)")
-    if train.warmup_steps < train.steps:
-        return f"warmup {steps} steps (train.warmup_steps)"
-    return (f"warmup {steps} steps: train.warmup_steps {train.warmup_steps} does not fit in "
-            f"train.steps {train.steps}, so a tenth of the run (lower train.warmup_steps, or set "
-            "it to none and use train.warmup_fraction)")
+    steps, warmup = total_steps(train), effective_warmup(train)
+    if train.warmup_fraction is not None:
+        return (f"warmup {warmup} steps (train.warmup_fraction {train.warmup_fraction} of "
+                f"{steps} steps)")
+    if train.warmup_samples is not None:
+        field = (f"train.warmup_samples {train.warmup_samples:,} // train.global_batch "
+                 f"{train.global_batch}")
+        given = f"{_absolute_warmup(train)} steps ({field})"
+    else:
+        field, given = "train.warmup_steps", f"train.warmup_steps {train.warmup_steps}"
+    if _absolute_warmup(train) < steps:
+        return f"warmup {warmup:,} steps ({field})"
+    return (f"warmup {warmup} steps: {given} does not fit in the run's {steps} steps, so a "
+            "tenth of it (lower it, or use train.warmup_fraction)")

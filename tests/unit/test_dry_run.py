@@ -8,8 +8,8 @@ import pytest
 
 from ov2_megatron.recipes import get_recipe
 from ov2_megatron.train import main
-from ov2_megatron.training.run_config import (apply_overrides, effective_warmup, validate_run,
-                                              warmup_rule)
+from ov2_megatron.training.run_config import (apply_overrides, effective_warmup, lr_rule,
+                                              peak_lr, total_steps, validate_run, warmup_rule)
 from tests.data.shard_factory import synthetic_dataset
 
 
@@ -104,34 +104,79 @@ def test_help_keys_document_the_spellings(capsys):
 
 
 def test_warmup_is_absolute_and_never_changes_with_steps():
-    run = get_recipe("tiny_cpu")  # warmup_steps 30
+    run = apply_overrides(get_recipe("tiny_cpu"), ["train.warmup_steps=30"])
+    assert run.train.warmup_samples is None  # the --set replaced the recipe's warmup_samples
     for steps in (31, 300, 3000):
-        run.train.steps = steps
+        run.train.samples, run.train.steps = None, steps
         assert effective_warmup(run.train) == 30
     assert warmup_rule(run.train) == "warmup 30 steps (train.warmup_steps)"
     run.train.steps = 20  # too short to hold it: a tenth, said
     assert effective_warmup(run.train) == 2
     assert warmup_rule(run.train).startswith(
-        "warmup 2 steps: train.warmup_steps 30 does not fit in train.steps 20, so a tenth")
+        "warmup 2 steps: train.warmup_steps 30 does not fit in the run's 20 steps, so a tenth")
     with pytest.raises(ValueError, match="train.warmup_steps -1 must be >= 0"):
         validate_run(apply_overrides(get_recipe("tiny_cpu"), ["train.warmup_steps=-1"]), 1)
 
 
 def test_a_warmup_fraction_scales_with_steps_and_is_said():
-    run = apply_overrides(get_recipe("tiny_cpu"),
-                          ["train.warmup_steps=none", "train.warmup_fraction=0.1"])
+    run = apply_overrides(get_recipe("tiny_cpu"), ["train.warmup_fraction=0.1"])
     validate_run(run, 1)
     assert effective_warmup(run.train) == 30
     assert warmup_rule(run.train) == "warmup 30 steps (train.warmup_fraction 0.1 of 300 steps)"
-    with pytest.raises(ValueError, match="are both set: keep one"):
-        validate_run(apply_overrides(get_recipe("tiny_cpu"), ["train.warmup_fraction=0.1"]), 1)
+    with pytest.raises(ValueError, match="train.warmup_steps 3, train.warmup_fraction 0.1 are "
+                                         "both set: keep one"):
+        validate_run(apply_overrides(get_recipe("tiny_cpu"), ["train.warmup_steps=3",
+                                                              "train.warmup_fraction=0.1"]), 1)
+
+
+def test_lengths_in_images_and_the_lr_follow_the_global_batch():
+    """The official batch rule: steps = samples // global batch (floored), lr = base_lr x
+    global batch / 256, warmup likewise; a recipe changed to another batch keeps its images."""
+    run = apply_overrides(get_recipe("vit_l14", 1), ["train.global_batch=8192"])
+    t = run.train
+    assert (t.samples, t.base_lr, t.warmup_samples) == (12_811_670_000, 8e-6, 51_246_680)
+    assert total_steps(t) == 1_563_924  # int(12,811,670,000 // 8192), as the official config
+    assert peak_lr(t) == pytest.approx(2.56e-4, rel=1e-12)
+    assert effective_warmup(t) == 6_255
+    stage2 = get_recipe("vit_l14", 2).train
+    assert total_steps(stage2) == 1_024_933_600 // 16_384 and peak_lr(stage2) == pytest.approx(
+        2.56e-5, rel=1e-12)
+    assert get_recipe("vit_1b", 1).train.clip_grad == 0 == stage2.clip_grad
+    # A length or LR given the other way replaces the recipe's, said by the rule.
+    short = apply_overrides(get_recipe("vit_l14", 1), ["train.steps=10", "train.lr=1e-4"])
+    assert (short.train.samples, short.train.base_lr) == (None, None)
+    assert (total_steps(short.train), peak_lr(short.train)) == (10, 1e-4)
+    assert lr_rule(short.train) == "lr 1.000e-04 (train.lr)"
+    with pytest.raises(ValueError, match="train.samples 64, train.steps 3 are both set"):
+        validate_run(apply_overrides(get_recipe("tiny_cpu"), ["train.samples=64",
+                                                              "train.steps=3"]), 1)
+    with pytest.raises(ValueError, match="train.samples 32 is less than one global batch"):
+        validate_run(apply_overrides(get_recipe("tiny_cpu"), ["train.samples=32"]), 1)
+
+
+def test_dry_run_shows_the_official_recipe(capsys):
+    assert main(["--recipe", "vit_l14", "--stage", "1", "--dry-run", "--world-size", "8",
+                 "--set", "train.global_batch=8192"]) == 0
+    out = capsys.readouterr().out
+    assert ("schedule: steps 1,563,924 (train.samples 12,811,670,000 // train.global_batch "
+            "8192; 12,811,665,408 images), lr 2.560e-04 (train.base_lr 8.000e-06 x "
+            "train.global_batch 8192 / 256), warmup 6,255 steps") in out
+    assert "clip_grad 0 (no clipping, as the official recipe)" in out
+    decayed = next(line for line in out.splitlines() if line.startswith("weight decay 0.2"))
+    undecayed = next(line for line in out.splitlines() if line.startswith("no weight decay"))
+    assert "decoder.tok_embed.weight" in undecayed and "decoder.tok_embed" not in decayed
+    assert "vision.patch_embed.weight" in decayed and "decoder.head.weight" in decayed
+    assert "initialisation: model.init official" in out
 
 
 def test_dry_run_prints_the_warmup_rule(capsys):
     assert main(["--recipe", "tiny_cpu", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "schedule: 300 steps, warmup 30 steps (train.warmup_steps)" in out
+    assert ("schedule: steps 300 (train.samples 19,200 // train.global_batch 64; 19,200 "
+            "images), lr 2.000e-03 (train.base_lr 8.000e-03 x train.global_batch 64 / 256), "
+            "warmup 30 steps (train.warmup_samples 1,920 // train.global_batch 64)") in out
     assert main(["--recipe", "tiny_cpu", "--dry-run", "--set", "train.steps=10"]) == 0
-    assert "schedule: 10 steps, warmup 1 steps: train.warmup_steps 30 does not fit" in \
-        capsys.readouterr().out
+    assert ("schedule: steps 10 (train.steps), lr 2.000e-03 (train.base_lr 8.000e-03 x "
+            "train.global_batch 64 / 256), warmup 1 steps: 30 steps (train.warmup_samples 1,920 "
+            "// train.global_batch 64) does not fit") in capsys.readouterr().out
     assert "data: the synthetic set (8000 train / 256 validation images" in out

@@ -17,6 +17,9 @@ def test_every_recipe_stage_validates(name, stage):
     assert geom.vit_seq % (run.parallel.tensor if run.parallel.sequence_parallel else 1) == 0
     assert (stage == 2) == bool(run.train.init_from)
     assert run.data.resolution == run.model.vision.image_size
+    # the official recipe's optimizer and initialisation in every recipe, tiny_cpu included
+    assert (run.model.init, run.train.clip_grad) == ("official", 0.0)
+    assert run.train.samples and run.train.base_lr and run.train.warmup_samples is not None
 
 
 @pytest.mark.parametrize("overrides,world,message", [

@@ -38,7 +38,7 @@ TESTER_CASES = [
     (["train.log_interval=0"], "train.log_interval 0 must be >= 1"),
     (["train.max_nonfinite=0"], "train.max_nonfinite 0 must be >= 1"),
     (["train.micro_batch=-8"], "train.micro_batch -8 must be >= 1"),
-    (["train.global_batch=1000000", "train.micro_batch=1000000"],
+    (["train.steps=1", "train.global_batch=1000000", "train.micro_batch=1000000"],
      "train.micro_batch (now 1000000"),
 ]
 
@@ -125,7 +125,7 @@ def test_resume_with_another_model_shape_names_the_fields(tmp_path):
 
 def test_memory_that_cannot_fit_names_the_estimate_and_the_fix(tmp_path):
     with pytest.raises(ValueError) as info:
-        validate_run(_run(tmp_path, ["train.global_batch=1000000",
+        validate_run(_run(tmp_path, ["train.global_batch=1000000", "train.steps=1",
                                      "train.micro_batch=1000000"]), 1)
     message = str(info.value)
     assert "one rank needs about" in message and "GiB" in message, message
@@ -149,7 +149,7 @@ def test_a_gpu_config_on_a_host_without_one_is_held_against_the_largest_gpu(tmp_
 CLI_CASES = [
     ["train.micro_batch=0"], ["parallel.tensor=0"], ["train.global_batch=0"],
     ["train.save_interval=0"], ["train.log_interval=0"], ["train.max_nonfinite=0"],
-    ["train.micro_batch=-1"], ["train.global_batch=1000000", "train.micro_batch=1000000"],
+    ["train.micro_batch=-1"], ["train.steps=1", "train.global_batch=1000000", "train.micro_batch=1000000"],
 ]
 
 
