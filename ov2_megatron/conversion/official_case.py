@@ -51,9 +51,9 @@ def load(directory: str) -> OfficialCase:
                               f"{', '.join(missing)}")
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
-    arrays = {name: _npz(os.path.join(directory, name)) for name in FILES[1:]}
+    arrays = {name: read_npz(os.path.join(directory, name)) for name in FILES[1:]}
     case = arrays["case.npz"]
-    tokens = _tokens(case, int(meta["PAD"]), directory)
+    tokens = caption_tokens(case, int(meta["PAD"]), directory)
     model = model_config(meta)
     keep_idx = torch.from_numpy(case["keep_idx"].astype(np.int64))
     if keep_idx.shape[1] != int(meta["num_kept"]):
@@ -65,8 +65,9 @@ def load(directory: str) -> OfficialCase:
                         keep_idx, {k: case[k] for k in case if k not in ("images", "labels")})
 
 
-def model_config(meta: dict) -> ModelConfig:
-    """The official model of `meta.json` as this framework's config (sizes as overrides)."""
+def model_config(meta: dict, loss_weight: float = 2.0) -> ModelConfig:
+    """The official model of `meta.json` as this framework's config (sizes as overrides);
+    `loss_weight` is the official `coca_caption_loss_weight` (2 in the official config)."""
     return ModelConfig(
         vision=VisionConfig(variant="Ti/16", image_size=meta["RES"], patch_size=meta["PATCH"],
                             width=meta["WIDTH"], depth=meta["DEPTH"], mlp_dim=meta["MLP"],
@@ -77,12 +78,12 @@ def model_config(meta: dict) -> ModelConfig:
                               mlp_dim=meta["DMLP"], num_heads=meta["DHEADS"],
                               vocab_size=meta["VOCAB"], vocab_pad_multiple=128,
                               caption_length=meta["TOKEN_LEN"], pad_id=meta["PAD"],
-                              mask="causal", pos_embed="none", loss_weight=2.0,
+                              mask="causal", pos_embed="none", loss_weight=loss_weight,
                               gelu_approximate="tanh"),
         layernorm_eps=1e-6, transformer_impl="local")
 
 
-def _npz(path: str) -> dict[str, np.ndarray]:
+def read_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
@@ -90,7 +91,9 @@ def _npz(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: not a readable .npz ({error})") from None
 
 
-def _tokens(case: dict, pad: int, where: str) -> torch.Tensor:
+def caption_tokens(case: dict, pad: int, where: str) -> torch.Tensor:
+    """This model's [b, L] tokens from the official labels / autoreg_labels / cap_loss_mask
+    (the layout in the module docstring); `where` names the source in errors."""
     labels, targets = case["labels"].astype(np.int64), case["autoreg_labels"].astype(np.int64)
     if not np.array_equal(case["cap_loss_mask"].astype(bool), targets != pad):
         raise ConversionError(f"{where}: cap_loss_mask is not autoreg_labels != PAD ({pad}); "
