@@ -394,6 +394,9 @@ def load_resharded_state(step_dir: str, meta: dict, optimizer) -> list:
 
 
 def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) -> None:
+    """Refuse a saved optimizer state that lacks a parameter's Adam moments or step count, or
+    holds a non-finite value. Both layouts megatron builds pass: torch's AdamW keeps `step`
+    per parameter, TE's and Apex's FusedAdam keep it per param group."""
     where = f"{path}: optimizer {index}"
     torch_state = saved.get("torch", {}) if isinstance(saved, dict) else {}
     per_param, groups = torch_state.get("state", {}), torch_state.get("param_groups", [])
@@ -402,11 +405,19 @@ def _check_optimizer_state(path: str, index: int, saved: dict, num_params: int) 
     if len(ids) != num_params or len(main) != num_params:
         raise ValueError(f"{where} lists {len(ids)} parameters and {len(main)} master weights, "
                          f"this run's has {num_params}: not this run's rank file, or damaged")
-    missing = [i for i in ids if not per_param.get(i)]
+    missing = [i for i in ids if not all(key in (per_param.get(i) or {})
+                                         for key in ("exp_avg", "exp_avg_sq"))]
     if missing:
         raise ValueError(f"{where} has no moments for {len(missing)} of {num_params} parameters "
                          f"(first: parameter {missing[0]}): the optimizer state is missing, and "
                          "resuming would silently restart Adam")
+    uncounted = [i for group in groups if "step" not in group
+                 for i in group.get("params", []) if "step" not in per_param[i]]
+    if uncounted:
+        raise ValueError(f"{where} has no step count for {len(uncounted)} of {num_params} "
+                         f"parameters (first: parameter {uncounted[0]}), neither per parameter "
+                         "(torch's AdamW) nor in its param group (FusedAdam): resuming would "
+                         "silently restart Adam's bias correction")
     tensors = [(f"master weight {i}", t) for i, t in enumerate(main)]
     tensors += [(f"parameter {i} {name}", t) for i in ids for name, t in per_param[i].items()]
     for name, tensor in tensors:
