@@ -206,7 +206,8 @@ def _train(run: RunConfig) -> dict:
                          local_device())
     data_wait_monitor = DataWaitMonitor(t.data_wait_window, t.data_wait_warn_fraction)
     steps = total_steps(t)
-    logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor)
+    logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor,
+                           resumed_at=start_step)
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()

@@ -6,7 +6,9 @@ Through the command line (`python -m ov2_megatron.train`), on a 6-step tiny run:
   changed;
 - a stage 2 pointed at the stage-1 directory, a length that ends before the checkpoint, and a
   tokenizer the checkpoint was not trained with are each refused in one line, exit 2, with
-  every file of the run directory byte-identical (config.json was rewritten before).
+  every file of the run directory byte-identical (config.json was rewritten before);
+- a rerun from a checkpoint older than the last logged step logs each step once, in
+  metrics.jsonl and TensorBoard (the steps after it appeared twice).
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ def train(data, output, *sets: str, stage: int = 1) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
-    """A finished 6-step run (checkpoint at step 6)."""
+    """A finished 6-step run (checkpoints at steps 3 and 6)."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    done = train(data, run, f"train.steps={STEPS}", f"train.lr={LR}")
+    done = train(data, run, f"train.steps={STEPS}", f"train.lr={LR}", "train.save_interval=3")
     assert done.returncode == 0, done.stdout + done.stderr
     return run
 
@@ -94,6 +96,27 @@ def test_an_extended_run_trains_on_the_commands_schedule(data, finished, tmp_pat
         want = 1e-3 * (1 + math.cos(math.pi * (step - 1) / 9)) / 2
         assert after[step]["lr"] == pytest.approx(want, rel=1e-6), step
     assert after[10]["loss"] < before[STEPS]["loss"] * 1.5  # trained on, not restarted
+
+
+def test_a_rerun_from_an_earlier_checkpoint_logs_each_step_once(data, finished, tmp_path):
+    """As after a crash between step 6's metrics and its checkpoint: `latest` on step 3. The
+    rerun trains 4-6 again; metrics.jsonl and TensorBoard keep one record per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 1.0')  # a line cut by the crash
+    done = train(data, run, f"train.steps={STEPS}", f"train.lr={LR}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(run / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+    assert steps == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("case", ["stage 2 in the stage-1 directory", "a length before the "
