@@ -38,7 +38,8 @@ from collections import Counter
 import torch
 
 from ov2_megatron.data.bad_data import BadDataMonitor
-from ov2_megatron.data.config import DataConfig, resolve_plain_spec, shards_digest
+from ov2_megatron.data.config import (DataConfig, every_letter_case, resolve_plain_spec,
+                                      shards_digest)
 from ov2_megatron.data.mixing import is_mixture, mixture_shards, parse_sources
 from ov2_megatron.data.sample_checks import Issue
 from ov2_megatron.data.shard_index import ensure_indexes, samples_in_index
@@ -93,7 +94,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     size = config.resolution
     jpegs, texts, metas = fn.readers.webdataset(
         paths=shards, index_paths=index_paths,
-        ext=[";".join(config.image_extensions), "txt", "json"],
+        ext=[";".join(every_letter_case(config.image_extensions)), "txt", "json"],
         missing_component_behavior="empty",  # a missing entry is empty; SampleFilter says why
         shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
         initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
