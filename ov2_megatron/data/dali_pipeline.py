@@ -101,7 +101,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     # One uniform draw per sample picks a caption among candidates: a DALI random op, so the
     # pick changes every epoch, follows the seed and is restored by the checkpoint.
     draws = fn.random.uniform(range=[0.0, 1.0])
-    sources = [fn.get_property(x, key="source_info") for x in (jpegs, texts)]
+    sources = [fn.get_property(x, key="source_info") for x in (jpegs, texts, metas)]
     jpegs, tokens, issues, captions, bad_sources = fn.python_function(
         jpegs, texts, metas, draws, *sources, function=sample_filter, num_outputs=5,
         batch_processing=True)

@@ -87,3 +87,16 @@ def test_a_fully_bad_shard_set_stops_with_the_shards_named_in_seconds(tmp_path):
     message = str(failure.value)
     assert "BadDataError" in message and "jpeg-0000" in message, message
     assert "caption_field_missing" in message or "no_caption" in message, message
+
+
+def test_a_sample_without_image_or_txt_is_named_by_its_json(tmp_path):
+    """Images under an extension the loader does not read (here .tif) and captions only in
+    JSON: the bad samples are counted with their shard, named from the JSON entry (it was
+    `<unknown shard>`: the missing image and .txt had no source)."""
+    tokenizer = synthetic_dataset().tokenizer_model
+    shards = write_shards(str(tmp_path / "tif"), ("JPEG",), extension={"JPEG": "tif"})
+    with pytest.raises(DistributedFailure) as failure:
+        run_distributed(train, 1, args=(shards, tokenizer, str(tmp_path / "run")), timeout=120)
+    message = str(failure.value)
+    assert "empty_image" in message and "jpeg-00000.tar" in message, message
+    assert "<unknown shard>" not in message, message
