@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import tarfile
 from dataclasses import dataclass
@@ -52,9 +53,10 @@ class DataConfig:
     per epoch from the seed (resumes exactly); evaluation takes the first."""
 
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-    """Entry extensions read as the image, first match wins: what img2dataset writes
-    (`--output_format webdataset` with jpg, png or webp encoding). The header check reads the
-    real format from the bytes, so a PNG named .jpg is still fine."""
+    """Entry extensions read as the image, first match wins, in any letter case (`KEY.JPG`
+    from a camera is an image too): what img2dataset writes (`--output_format webdataset`
+    with jpg, png or webp encoding). The header check reads the real format from the bytes,
+    so a PNG named .jpg is still fine."""
 
     index_cache_dir: str = ""
     """Where DALI index files of shards that have none are made when the shard directory is
@@ -299,6 +301,16 @@ def check_shard(path: str) -> None:
     except tarfile.HeaderError as err:
         raise ValueError(f"shard {path} is not a valid tar ({err}): re-create it with "
                          "tools/prepare_shards.py or remove it from the shard list") from err
+
+
+def every_letter_case(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """Each extension in every spelling of its letters' case (jpg: jpg, jpG, ..., JPG), in
+    order: DALI's webdataset reader matches `ext` exactly, and cameras write .JPG."""
+    spellings: dict[str, None] = {}
+    for ext in extensions:
+        for cases in itertools.product(*[(c.lower(), c.upper()) for c in ext]):
+            spellings["".join(cases)] = None
+    return tuple(spellings)
 
 
 def index_path_for(shard: str) -> str:

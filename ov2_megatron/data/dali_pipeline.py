@@ -38,7 +38,8 @@ from collections import Counter
 import torch
 
 from ov2_megatron.data.bad_data import BadDataMonitor
-from ov2_megatron.data.config import DataConfig, resolve_plain_spec, shards_digest
+from ov2_megatron.data.config import (DataConfig, every_letter_case, resolve_plain_spec,
+                                      shards_digest)
 from ov2_megatron.data.mixing import is_mixture, mixture_shards, parse_sources
 from ov2_megatron.data.sample_checks import Issue
 from ov2_megatron.data.shard_index import ensure_indexes, samples_in_index
@@ -93,14 +94,14 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
     size = config.resolution
     jpegs, texts, metas = fn.readers.webdataset(
         paths=shards, index_paths=index_paths,
-        ext=[";".join(config.image_extensions), "txt", "json"],
+        ext=[";".join(every_letter_case(config.image_extensions)), "txt", "json"],
         missing_component_behavior="empty",  # a missing entry is empty; SampleFilter says why
         shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
         initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
     # One uniform draw per sample picks a caption among candidates: a DALI random op, so the
     # pick changes every epoch, follows the seed and is restored by the checkpoint.
     draws = fn.random.uniform(range=[0.0, 1.0])
-    sources = [fn.get_property(x, key="source_info") for x in (jpegs, texts)]
+    sources = [fn.get_property(x, key="source_info") for x in (jpegs, texts, metas)]
     jpegs, tokens, issues, captions, bad_sources = fn.python_function(
         jpegs, texts, metas, draws, *sources, function=sample_filter, num_outputs=5,
         batch_processing=True)

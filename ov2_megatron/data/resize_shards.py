@@ -164,7 +164,8 @@ def resize_sample(members: list[tuple[str, bytes]],
     """The sample's members with its image resized, or (None, reason, False)."""
     exts = {name[name.find(".", name.rfind("/") + 1) + 1:]: i
             for i, (name, _) in enumerate(members)}
-    image_ext = next((ext for ext in IMAGE_ENTRY_EXTS if ext in exts), None)  # the loader's pick
+    by_case = {ext.lower(): ext for ext in exts}  # KEY.JPG is an image, as for the loader
+    image_ext = next((by_case[ext] for ext in IMAGE_ENTRY_EXTS if ext in by_case), None)
     if image_ext is None:
         return None, "missing_image", False
     position = exts[image_ext]

@@ -54,7 +54,7 @@ def fingerprint(data: np.ndarray | bytes) -> str:
 
 class SampleFilter:
     """Callable for fn.python_function:
-    (images, texts, metas, draws, image_sources, text_sources)
+    (images, texts, metas, draws, image_sources, text_sources, meta_sources)
         -> (images, tokens, issues, captions, bad_sources)."""
 
     def __init__(self, tokenizer: CaptionTokenizer, caption_length: int, max_image_pixels: int,
@@ -104,10 +104,12 @@ class SampleFilter:
 
     def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray],
                  metas: list[np.ndarray], draws: list[np.ndarray],
-                 image_sources: list[np.ndarray], text_sources: list[np.ndarray]):
+                 image_sources: list[np.ndarray], text_sources: list[np.ndarray],
+                 meta_sources: list[np.ndarray]):
         out_jpegs, issues, texts, raw_captions, bad_sources = [], [], [], [], []
-        for jpeg, caption, meta, draw, image_source, text_source in zip(
-                jpegs, captions, metas, draws, image_sources, text_sources, strict=True):
+        for jpeg, caption, meta, draw, *entry_sources in zip(
+                jpegs, captions, metas, draws, image_sources, text_sources, meta_sources,
+                strict=True):
             issue = check_encoded_image(jpeg, self.max_image_pixels)
             if issue == Issue.OK and self.blocklist and self._is_blocked(jpeg):
                 issue = Issue.UNDECODABLE
@@ -119,9 +121,11 @@ class SampleFilter:
             issues.append(np.array(int(issue), dtype=np.int32))
             texts.append(text)
             raw_captions.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
-            # A missing image entry has no source of its own; its caption's names the sample.
-            source = image_source if len(image_source) else text_source
-            bad_sources.append(source if issue != Issue.OK else np.zeros(0, dtype=np.uint8))
+            # A missing entry has no source of its own: the first present one names the sample
+            # (the image, else its .txt, else its .json, img2dataset's caption carrier).
+            none = np.zeros(0, dtype=np.uint8)
+            source = next((s for s in entry_sources if len(s)), none)
+            bad_sources.append(source if issue != Issue.OK else none)
         if self.capture_batches > 0:
             self.captured += [bytes(j) for j, i in zip(jpegs, issues, strict=True)
                               if int(i) == Issue.OK]

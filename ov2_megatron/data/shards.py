@@ -135,6 +135,8 @@ def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
             if dot <= 0:
                 continue
             mkey, ext = member.name[: len(member.name) - len(base) + dot], base[dot + 1:]
+            if ext.lower() in IMAGE_ENTRY_EXTS:  # KEY.JPG is an image, as for the loader
+                ext = ext.lower()
             if key is not None and mkey != key:
                 yield _to_sample(key, current)
                 current = {}

@@ -46,7 +46,8 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ov2_megatron.models.state_dict_adapter import is_extra_state, other_spec_name
-from ov2_megatron.training import checkpoint_manifest, elastic_resume, safe_unpickle
+from ov2_megatron.training import (checkpoint_manifest, elastic_resume, process_lifetime,
+                                   safe_unpickle)
 from ov2_megatron.training.checkpoint_resolve import (LATEST, global_rank, read_latest,
                                                      resolve)  # noqa: F401
 from ov2_megatron.training.optimizer import inner_optimizers, main_params
@@ -79,8 +80,6 @@ def start_writer_shielded() -> None:
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from ov2_megatron.training import process_lifetime
 
     write_results_queue_factory(filesystem_async)  # a release this code knows
     if not hasattr(filesystem_async, "_results_queue"):
@@ -133,6 +132,12 @@ def save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
     A failure on any rank fails the save on every rank alike, naming the directory, with
     `latest` left on the previous checkpoint; on a full disk ("no space left on device") the
     staging directory is removed at once, since its bytes are what the disk lacks."""
+    with process_lifetime.checkpoint_in_progress():  # a second Ctrl-C lets it complete
+        return _save(root, step, chunks, optimizer, scheduler, meta, data_state)
+
+
+def _save(root: str, step: int, chunks: list, optimizer, scheduler, meta: dict,
+          data_state) -> str:
     name = f"step_{step:08d}"
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
     if global_rank() == 0:

@@ -182,12 +182,13 @@ def _train(run: RunConfig) -> dict:
     t, p = run.train, run.parallel
     rank0 = dist.get_rank() == 0
     run_dir, root = t.output_dir, os.path.join(t.output_dir, "checkpoints")
+    start_step, data_states = _restore(run, model, optimizer, scheduler, geom)  # 5
+    # Only now, every check and load done: a refused or failed start leaves the run as it was.
     if rank0:
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(run.to_json())
     checkpoint.clean_partial(root)
-    start_step, data_states = _restore(run, model, optimizer, scheduler, geom)  # 5
     dp_rank, dp_size = checkpoint.data_parallel_info()
     micro_batches = t.global_batch // (t.micro_batch * dp_size)
     if data_states is not None and not t.resume_data_stream:
@@ -205,7 +206,8 @@ def _train(run: RunConfig) -> dict:
                          local_device())
     data_wait_monitor = DataWaitMonitor(t.data_wait_window, t.data_wait_warn_fraction)
     steps = total_steps(t)
-    logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor)
+    logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor,
+                           resumed_at=start_step)
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
@@ -286,6 +288,7 @@ def train_step(model, optimizer, scheduler, batches, geom, micro_batch: int):
 def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
     """Weights, optimizer, RNG and schedule from the run's checkpoint, if any; returns the
     step to start at and the saved data-stream states (None: a fresh stream)."""
+    command_lrs = _group_lrs(optimizer)  # before a load replaces them with the checkpoint's
     step_dir = checkpoint.resolve(run.train.output_dir)
     if step_dir is None:
         if run.train.init_from:
@@ -313,15 +316,45 @@ def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
     else:
         if rank0:
             print(f"resuming {step_dir} under a new layout ({saved} -> {layout}): weights "
-                  "loaded; optimizer moments, LR schedule position and data position restart "
-                  "(only the data-parallel size may change with the optimizer state kept, in "
-                  "checkpoints that list their ranks' coordinates)",
-                  flush=True)
+                  "loaded; optimizer moments and data position restart, the LR schedule "
+                  f"continues from step {meta['step']} (only the data-parallel size may change "
+                  "with the optimizer state kept, in checkpoints that list their ranks' "
+                  "coordinates)", flush=True)
         adopt_loaded_weights(optimizer)
-        scheduler.step(increment=meta["step"])  # keep the LR schedule on time
-        return meta["step"], None
-    scheduler.load_state_dict(meta["scheduler"])
+        data_states = None
+    _continue_schedule(scheduler, optimizer, meta, command_lrs, rank0)
     return meta["step"], data_states
+
+
+# megatron's scheduler fields as the user sets them (run_config.py says which field gives each).
+_SCHEDULE_FIELDS = {"lr_decay_steps": "steps", "max_lr": "peak LR", "min_lr": "final LR",
+                    "lr_warmup_steps": "warmup steps", "start_wd": "weight decay"}
+
+
+def _group_lrs(optimizer) -> list[tuple[float | None, float | None]]:
+    """Each param group's peak and final LR, which megatron's scheduler reads before its own."""
+    return [(group.get("max_lr"), group.get("min_lr")) for group in optimizer.param_groups]
+
+
+def _continue_schedule(scheduler, optimizer, meta: dict, command_lrs: list, announce: bool):
+    """Put the LR schedule at the checkpoint's step under this command's schedule, saying what
+    differs from the checkpoint's. megatron's load_state_dict would keep the checkpoint's
+    values instead (use_checkpoint_opt_param_scheduler, its default), without a word: an
+    extended run trained at LR 0 and a changed LR was ignored. The optimizer's own state
+    carries each group's peak and final LR too: the command's are put back (`command_lrs`,
+    read before the load). The same schedule gives the same LRs as before, bitwise."""
+    for group, (max_lr, min_lr) in zip(optimizer.param_groups, command_lrs):
+        for key, value in (("max_lr", max_lr), ("min_lr", min_lr)):
+            if value is not None:
+                group[key] = value
+    scheduler.step(increment=meta["step"])
+    saved, now = meta.get("scheduler") or {}, scheduler.state_dict()
+    changed = [f"{label} {saved[key]:g} -> {now[key]:g}" for key, label in _SCHEDULE_FIELDS.items()
+               if key in saved and saved[key] != now[key]]
+    if changed and announce:
+        print(f"resume: this command's schedule differs from the checkpoint's "
+              f"({', '.join(changed)}); training continues from step {meta['step']} under "
+              "this command's", flush=True)
 
 
 def adopt_loaded_weights(optimizer) -> None:

@@ -19,8 +19,12 @@ import time
 
 
 class MetricsLogger:
+    """`resumed_at`: the step training starts from (0, or the checkpoint's). Records of later
+    steps, written by a run that stopped after its last checkpoint, are dropped from
+    metrics.jsonl and purged from TensorBoard, so each step is logged once."""
+
     def __init__(self, run_dir: str, total_steps: int, enabled: bool,
-                 data_wait: DataWaitMonitor | None = None):
+                 data_wait: DataWaitMonitor | None = None, resumed_at: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
         self.data_wait = data_wait
         self.interactive = enabled and sys.stdout.isatty()
@@ -30,8 +34,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(run_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-            self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            path = os.path.join(run_dir, "metrics.jsonl")
+            _drop_records_after(path, resumed_at)
+            self._jsonl = open(path, "a", buffering=1)
+            # TensorBoard hides the events of steps >= purge_step written before this point.
+            self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                         purge_step=resumed_at + 1)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -100,6 +108,28 @@ class MetricsLogger:
 def data_wait_fraction(data_wait_s: float, step_s: float) -> float:
     """Share of a step spent waiting for its batch; step_s includes the wait (loop.py)."""
     return data_wait_s / step_s if step_s > 0 else 0.0
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Keep the records of steps <= `step` (a line cut by a crash goes too); replaced
+    atomically, untouched when nothing is dropped."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class DataWaitMonitor:

@@ -25,6 +25,7 @@ loss of its agent as a stop signal: checkpoint at the step end, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -41,22 +42,57 @@ _forking_pid = 0
 
 
 def install_stop_handlers() -> None:
-    """SIGTERM, SIGUSR1 and a first SIGINT set the stop flag; a second SIGINT interrupts (a
-    KeyboardInterrupt raised inside DALI's iteration can deadlock it, so not the first one).
-    SIGINT stays ignored where it is (background jobs). Safe to call again: a SIGINT already
-    received keeps the second one interrupting."""
+    """SIGTERM, SIGUSR1 and a first SIGINT set the stop flag, saying so; a second SIGINT
+    interrupts (a KeyboardInterrupt raised inside DALI's iteration can deadlock it, so not the
+    first one), except while a checkpoint is being written: that one completes first (then the
+    run stops, the flag being set), rather than leaving a half-written directory and losing
+    the steps since the previous one. SIGINT stays ignored where it is (background jobs).
+    Safe to call again: a SIGINT already received keeps the second one interrupting."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
-    current = signal.getsignal(signal.SIGINT)
-    if current is not signal.SIG_IGN and _received != signal.SIGINT:
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _on_stop_signal)
+
+
+_saving = False
+
+
+@contextlib.contextmanager
+def checkpoint_in_progress():
+    """While a checkpoint is written, a second Ctrl-C waits for it (install_stop_handlers)."""
+    global _saving
+    _saving = True
+    try:
+        yield
+    finally:
+        _saving = False
 
 
 def _on_stop_signal(signum, frame) -> None:
     global _received
+    if signum == signal.SIGINT and _received == signal.SIGINT:  # a second Ctrl-C
+        if _saving:
+            _say("ov2-train: a checkpoint is being written: it completes first, then the run "
+                 "stops")
+            return
+        raise KeyboardInterrupt
+    first = _received is None
     _received = signum
-    if signum == signal.SIGINT:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if first:
+        again = " (Ctrl-C again to interrupt at once)" if signum == signal.SIGINT else ""
+        _say(f"ov2-train: {signal_name(signum)} received: the run stops after this step, with "
+             f"a checkpoint{again}")
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler, on the first rank only (os.write: Python's
+    buffered streams must not be re-entered from a handler that may interrupt them)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 def stop_signal() -> int | None:

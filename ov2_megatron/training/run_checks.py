@@ -153,6 +153,53 @@ def check_resume_shape(run) -> None:
                          "start from its weights where the shapes allow)")
 
 
+def latest_checkpoint_meta(run_dir: str) -> tuple[str, dict] | None:
+    """(step dir, meta.json) of the checkpoint `latest` names in a run directory, read as it
+    is (the load verifies it later); None when there is none or it cannot be read."""
+    from ov2_megatron.training.checkpoint_resolve import read_latest
+
+    root = os.path.join(run_dir, "checkpoints")
+    name = read_latest(root)
+    if name is None:
+        return None
+    step_dir = os.path.join(root, name)
+    try:
+        with open(os.path.join(step_dir, "meta.json")) as f:
+            return step_dir, json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_resume_plan(run) -> None:
+    """Refuse, before anything is written, a command that resuming train.output_dir could not
+    carry out as asked: another stage there (a stage 2 pointed at the stage-1 run would
+    continue stage 1), a length that ends before the checkpoint's step, or another tokenizer
+    (run_checks.check_same_tokenizer). A changed schedule is not refused: the resume takes the
+    command's (loop._continue_schedule says what changed)."""
+    from ov2_megatron.training.run_config import length_rule, total_steps
+
+    found = latest_checkpoint_meta(run.train.output_dir)
+    if found is None:
+        return
+    step_dir, meta = found
+    run_dir, step = run.train.output_dir, meta.get("step", 0)
+    imported = bool(meta.get("layout", {}).get("imported"))  # step 0 of converted weights
+    if not imported and meta.get("stage", run.stage) != run.stage:
+        start = (f" with train.init_from={run.train.init_from}" if run.train.init_from
+                 else f" (train.init_from={run_dir} starts it from these weights)")
+        raise ValueError(
+            f"train.output_dir {run_dir} holds a stage-{meta['stage']} run (step {step}): "
+            f"--stage {run.stage} there would continue it, not start stage {run.stage}. Give "
+            f"stage {run.stage} a directory of its own: --set train.output_dir=NEW_DIR{start}")
+    if total_steps(run.train) < step:
+        raise ValueError(
+            f"{length_rule(run.train)} ends before step {step}, where the checkpoint in "
+            f"{run_dir} is: raise the length (train.samples or train.steps) to continue it, or "
+            "start anew in another train.output_dir")
+    check_same_tokenizer(meta.get("tokenizer"), tokenizer_identity(run.data.tokenizer_model),
+                         f"the checkpoint {step_dir}")
+
+
 def tokenizer_identity(path: str) -> dict | None:
     """What a checkpoint records of the tokenizer it was trained with (None: no tokenizer)."""
     from ov2_megatron.data.tokenizer import CaptionTokenizer

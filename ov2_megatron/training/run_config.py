@@ -263,6 +263,7 @@ def validate_run(run: RunConfig, world_size: int,
     geom = validate_model(run.model, p, device_capability)
     run_checks.check_paths(run)
     run_checks.check_resume_shape(run)
+    run_checks.check_resume_plan(run)
     run_checks.check_memory(run, world_size, geom)
     return geom
 

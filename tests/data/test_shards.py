@@ -156,3 +156,30 @@ def test_prepare_cli_last_line_and_exit_codes(tmp_path):
                           "--output", str(tmp_path / "out2")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stdout.strip().splitlines()[-1] == "written: 0 skipped: 1"
+
+
+def test_image_extensions_match_in_any_letter_case(tmp_path):
+    """KEY.JPG / KEY.Jpeg (cameras, some exporters) are images for every reader: DALI's
+    webdataset reader matches `ext` exactly, so it gets every spelling; the tar readers
+    (tokenizer training, --resize) compare lower-cased."""
+    import tarfile
+
+    from ov2_megatron.data.config import every_letter_case
+    from ov2_megatron.data.resize_shards import ResizeSettings, resize_sample
+
+    spellings = every_letter_case(("jpg", "png"))
+    assert len(spellings) == 16 and {"jpg", "JPG", "jPg", "PNG", "pnG"} <= set(spellings)
+    assert spellings.index("JPG") < spellings.index("png")  # the first extension still wins
+    path = str(tmp_path / "camera.tar")
+    with tarfile.open(path, "w") as tar:
+        for key, ext in (("a", "JPG"), ("b", "Jpeg")):
+            for name, data in ((f"{key}.{ext}", jpeg_bytes(1)), (f"{key}.txt", b"a photo")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    samples = list(iter_shard(path))
+    assert [(s.key, len(s.jpeg) > 0, s.caption) for s in samples] == [
+        ("a", True, "a photo"), ("b", True, "a photo")]
+    members, reason, _ = resize_sample([("b.Jpeg", jpeg_bytes(1, (400, 300))),
+                                        ("b.txt", b"a photo")], ResizeSettings(short_side=96))
+    assert reason == "" and members[0][0] == "b.jpg" and members[1] == ("b.txt", b"a photo")

@@ -1,6 +1,6 @@
 """Training on shards as img2dataset writes them (issue #13): PNG, WebP, JPEG images with
-captions only in a JSON field, each format alone and all mixed, through the real training
-loop; and a shard set whose every sample is bad stops the run with an error naming the
+captions only in a JSON field, each format alone and all mixed, and with upper-case
+extensions (KEY.JPG, KEY.JPEG), through the real training loop; and a shard set whose every sample is bad stops the run with an error naming the
 shards, in seconds."""
 
 import contextlib
@@ -17,10 +17,11 @@ from tests.harness import DistributedFailure, run_distributed
 WORDS = ("red", "blue", "green", "circle", "square", "small", "large", "on", "a", "the")
 
 
-def write_shards(root: str, formats: tuple[str, ...], with_caption: bool = True) -> str:
+def write_shards(root: str, formats: tuple[str, ...], with_caption: bool = True,
+                 extension: dict | None = None) -> str:
     """Two shards per format of 8 samples each: KEY.{jpg|png|webp} + KEY.json (+ no .txt)."""
     os.makedirs(root)
-    extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+    extension = extension or {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
     for f, fmt in enumerate(formats):
         for s in range(2):
             samples = []
@@ -57,10 +58,13 @@ def train_on_each(cases: dict, tokenizer: str, root: str) -> dict:
             for name, shards in cases.items()}
 
 
-def test_trains_on_png_webp_json_captions_and_mixed(tmp_path):
+def test_trains_on_png_webp_json_captions_mixed_and_upper_case_extensions(tmp_path):
     tokenizer = synthetic_dataset().tokenizer_model
     cases = {name: write_shards(str(tmp_path / name), formats) for name, formats in (
         ("png", ("PNG",)), ("webp", ("WEBP",)), ("mixed", ("JPEG", "PNG", "WEBP")))}
+    # A camera's KEY.JPG / KEY.JPEG are images too (they were empty_image before).
+    cases["upper-case"] = write_shards(str(tmp_path / "upper-case"), ("JPEG", "PNG"),
+                                       extension={"JPEG": "JPG", "PNG": "JPEG"})
     results = run_distributed(train_on_each, 1, args=(cases, tokenizer, str(tmp_path / "runs")),
                               timeout=400)[0]
     for name, (summary, log) in results.items():
@@ -83,3 +87,16 @@ def test_a_fully_bad_shard_set_stops_with_the_shards_named_in_seconds(tmp_path):
     message = str(failure.value)
     assert "BadDataError" in message and "jpeg-0000" in message, message
     assert "caption_field_missing" in message or "no_caption" in message, message
+
+
+def test_a_sample_without_image_or_txt_is_named_by_its_json(tmp_path):
+    """Images under an extension the loader does not read (here .tif) and captions only in
+    JSON: the bad samples are counted with their shard, named from the JSON entry (it was
+    `<unknown shard>`: the missing image and .txt had no source)."""
+    tokenizer = synthetic_dataset().tokenizer_model
+    shards = write_shards(str(tmp_path / "tif"), ("JPEG",), extension={"JPEG": "tif"})
+    with pytest.raises(DistributedFailure) as failure:
+        run_distributed(train, 1, args=(shards, tokenizer, str(tmp_path / "run")), timeout=120)
+    message = str(failure.value)
+    assert "empty_image" in message and "jpeg-00000.tar" in message, message
+    assert "<unknown shard>" not in message, message
