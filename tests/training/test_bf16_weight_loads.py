@@ -126,9 +126,10 @@ def test_a_resume_under_another_layout_continues_from_the_saved_weights(data, st
 
 def test_an_elastic_resume_from_2_to_1_ranks_equals_the_straight_run(data, tmp_path):
     """bf16, data-parallel 2 -> 1 with the optimizer state resharded: the weights after the
-    resumed steps equal the uninterrupted run's to a bf16 rounding of the reduction order."""
+    resumed step equal the uninterrupted run's to a bf16 rounding of the reduction order
+    (measured: bitwise equal). A run that had lost its weights would be off by all of them."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    steps = ["train.steps=4", "train.save_interval=2", f"train.lr={STAGE1_LR}",
+    steps = ["train.steps=3", "train.save_interval=2", f"train.lr={STAGE1_LR}",
              "train.warmup_steps=1"]
     train(data, 2, straight, *steps)
     os.makedirs(os.path.join(resumed, "checkpoints"))
@@ -137,9 +138,8 @@ def test_an_elastic_resume_from_2_to_1_ranks_equals_the_straight_run(data, tmp_p
         f.write("step_00000002\n")
     log = train(data, 1, resumed, *steps)
     assert "optimizer state resharded" in log
-    want = consolidate(step_dir(straight, 4), str(tmp_path / "straight.pt"))
-    got = consolidate(step_dir(resumed, 4), str(tmp_path / "resumed.pt"))
-    start = consolidate(step_dir(straight, 2), str(tmp_path / "start.pt"))
-    moved = sum(float((want[n] - start[n]).norm() ** 2) for n in want) ** 0.5
+    want = consolidate(step_dir(straight, 3), str(tmp_path / "straight.pt"))
+    got = consolidate(step_dir(resumed, 3), str(tmp_path / "resumed.pt"))
+    size = sum(float(want[n].norm() ** 2) for n in want) ** 0.5
     off = sum(float((got[n] - want[n]).norm() ** 2) for n in want) ** 0.5
-    assert moved > 0 and off / moved < 1e-2, (off, moved)
+    assert size > 0 and off / size < 1e-4, (off, size)
