@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 
 from ov2_megatron.config import ModelConfig
 from ov2_megatron.models import state_dict_adapter as adapter
-from ov2_megatron.models.parameter_kinds import Init, official_init
+from ov2_megatron.models.parameter_kinds import Init, constant_init, official_init
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -37,11 +37,9 @@ _FAN_IN_SCALED = ("vision.patch_embed.weight", "decoder.img_proj.weight", "decod
 
 def megatron_init(name: str, shape: tuple[int, ...], std: float) -> Init:
     """The 'megatron' scheme: N(0, std) for every weight, fan-in scaled where noted above."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return Init("zeros")
-    if (".ln" in name or ".norm." in name) and leaf == "weight":
-        return Init("ones")
+    constant = constant_init(name)
+    if constant:
+        return constant
     if name in _FAN_IN_SCALED:
         return Init("normal", math.prod(shape[1:]) ** -0.5)
     return Init("normal", std)

@@ -63,15 +63,23 @@ class Init:
         return None
 
 
+def constant_init(name: str) -> Init | None:
+    """Biases zero and LayerNorm scales one, in either scheme (model.init); None otherwise."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return Init("zeros")
+    if leaf == "weight" and (".ln" in name or ".norm." in name):
+        return Init("ones")
+    return None
+
+
 def official_init(name: str, shape: tuple[int, ...], vit_width: int,
                   decoder_width: int) -> Init:
     """How the official code initialises the parameter `name` (a standard name, full `shape`
     in the standard layout) of a model with these tower widths."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
-        return Init("zeros")
-    if leaf == "weight" and (".ln" in name or name.endswith("norm.weight")):
-        return Init("ones")
+    constant = constant_init(name)
+    if constant:
+        return constant
     block = _BLOCK.match(name)
     if block:
         return _block_init(*block.groups(), vit_width, decoder_width)

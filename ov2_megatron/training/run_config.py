@@ -320,8 +320,9 @@ def _check_alternatives(t: TrainConfig) -> None:
         given = [key for key in group if getattr(t, key.split(".")[1]) is not None]
         if len(given) > 1:
             values = ", ".join(f"{key} {getattr(t, key.split('.')[1])}" for key in given)
-            raise ValueError(f"{values} are {'both' if len(given) == 2 else 'all'} set: keep one (--set {given[1]}=none keeps "
-                             f"{given[0]}, or give only the one you mean)")
+            raise ValueError(f"{values} are {'both' if len(given) == 2 else 'all'} set: keep "
+                             f"one (--set {given[1]}=none keeps {given[0]}, or give only the "
+                             "one you mean)")
         if not given:
             raise ValueError(f"{' / '.join(group)} are all none: set one")
     if t.warmup_fraction is not None and not 0 <= t.warmup_fraction < 1:

@@ -1,7 +1,7 @@
 """Training on shards as img2dataset writes them (issue #13): PNG, WebP, JPEG images with
 captions only in a JSON field, each format alone and all mixed, and with upper-case
-extensions (KEY.JPG, KEY.JPEG), through the real training loop; and a shard set whose every sample is bad stops the run with an error naming the
-shards, in seconds."""
+extensions (KEY.JPG, KEY.JPEG), through the real training loop; and a shard set whose every
+sample is bad stops the run with an error naming the shards, in seconds."""
 
 import contextlib
 import io

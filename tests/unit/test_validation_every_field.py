@@ -149,7 +149,8 @@ def test_a_gpu_config_on_a_host_without_one_is_held_against_the_largest_gpu(tmp_
 CLI_CASES = [
     ["train.micro_batch=0"], ["parallel.tensor=0"], ["train.global_batch=0"],
     ["train.save_interval=0"], ["train.log_interval=0"], ["train.max_nonfinite=0"],
-    ["train.micro_batch=-1"], ["train.steps=1", "train.global_batch=1000000", "train.micro_batch=1000000"],
+    ["train.micro_batch=-1"],
+    ["train.steps=1", "train.global_batch=1000000", "train.micro_batch=1000000"],
 ]
 
 
