@@ -168,7 +168,7 @@ def _dry_run_data(run, world_size: int) -> list[str]:
                         "(tools/prepare_shards.py, then --set data.train_shards=...)"]
     dp_size = ParallelLayout(run.parallel.tensor, run.parallel.pipeline).data_parallel_size(
         world_size)
-    return notes + data_sources.check_data(run, dp_size)
+    return notes + data_sources.check_data(run, dp_size) + data_sources.probe(run)
 
 
 def _device_capability():
@@ -211,11 +211,16 @@ def main(argv=None) -> int:
 
     if _stopped_before_start(world):
         return 0
+    from ov2_megatron.data.bad_data import BadDataError
+
     try:
         summary = train(run)
     except (ValueError, OSError) as error:
         print(f"ov2-train: error: {error}", file=sys.stderr)
         return 2
+    except BadDataError as error:  # raised on every rank at once (training/step.py)
+        print(f"ov2-train: stopped by the data: {error}", file=sys.stderr, flush=True)
+        return 3
     return 0 if summary else 1
 
 

@@ -12,10 +12,13 @@ every rank is killed, so a collective that never completes cannot hang CI.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -44,7 +47,13 @@ class DistributedFailure(AssertionError):
     """One or more ranks raised or timed out; the message holds each rank's traceback."""
 
 
-def _rank_main(fn, rank, world_size, port, results, args, kwargs):
+def _rank_main(fn, rank, world_size, port, results, args, kwargs, stderr_path):
+    # The rank's fd 2 goes to a file: a rank killed inside C++ (gloo's abort, a segfault)
+    # leaves no Python traceback, only what the library printed there.
+    stderr_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(stderr_fd, 2)
+    os.close(stderr_fd)
+    faulthandler.enable(all_threads=True)  # Python stacks of a SIGABRT / SIGSEGV, into it
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -112,21 +121,45 @@ def _launch(fn, world_size: int, args: tuple, kwargs: dict | None, timeout: floa
     ctx = _rank_context(fresh_interpreter)
     results = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args, kwargs or {}))
-        for r in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = _collect(results, procs, timeout)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="ov2-ranks-") as logs:
+        stderr_paths = [os.path.join(logs, f"rank{r}.stderr") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, results, args,
+                                                 kwargs or {}, stderr_paths[r]))
+            for r in range(world_size)
+        ]
         for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            proc.start()
+        try:
+            outcomes = _collect(results, procs, timeout)
+        finally:
+            for proc in procs:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+        _attach_stderr(outcomes, stderr_paths)
     return outcomes
+
+
+def _attach_stderr(outcomes: dict[int, tuple[str, Any]], stderr_paths: list[str]) -> None:
+    """Replay each rank's stderr into this process's (pytest shows it for a failed test) and
+    add its tail to the report of a rank that died without a result."""
+    for rank, path in enumerate(stderr_paths):
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if text:
+            sys.stderr.write(f"--- rank {rank} stderr ---\n{text}")
+        status, value = outcomes[rank]
+        if status == "error" and "no result" in value:
+            tail = "\n".join(text.splitlines()[-_STDERR_TAIL_LINES:]) or "(nothing)"
+            outcomes[rank] = (status, f"{value}; its stderr ended with:\n{tail}")
+
+
+_STDERR_TAIL_LINES = 30
 
 
 def _collect(results, procs, timeout: float) -> dict[int, tuple[str, Any]]:

@@ -100,24 +100,24 @@ def shard_source(spec: str, transform: EvalTransform) -> Source:
     from PIL import Image
 
     from ov2_megatron.data.config import resolve_shard_spec
-    from ov2_megatron.data.shards import iter_shard
+    from ov2_megatron.data.shards import iter_shards_checked
 
     try:
         shards = resolve_shard_spec(spec)
     except (OSError, ValueError) as error:
         raise ConversionError(f"--shards {spec}: {error}") from None
-    count = sum(1 for shard in shards for _ in iter_shard(shard, with_images=False))
+    # A cut shard's complete samples are read (and it is named, once: by the second pass).
+    count = sum(1 for _ in iter_shards_checked(shards, None, False, on_cut=lambda cut: None))
 
     def items():
-        for shard in shards:
-            for sample in iter_shard(shard):
-                try:
-                    with Image.open(io.BytesIO(sample.jpeg)) as image:
-                        pixels = transform(image)
-                except OSError as error:
-                    raise ConversionError(f"{shard}: sample {sample.key}: cannot decode the "
-                                          f"image ({error})") from None
-                yield sample.key, pixels
+        for shard, sample in iter_shards_checked(shards, None):
+            try:
+                with Image.open(io.BytesIO(sample.jpeg)) as image:
+                    pixels = transform(image)
+            except OSError as error:
+                raise ConversionError(f"{shard}: sample {sample.key}: cannot decode the "
+                                      f"image ({error})") from None
+            yield sample.key, pixels
 
     return Source(count, items(), has_keys=True)
 

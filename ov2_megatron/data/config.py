@@ -8,14 +8,13 @@ inside a DALI worker thread hours later.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import os
-import tarfile
 from dataclasses import dataclass
 
 from ov2_megatron.config import check_minimums
+from ov2_megatron.data.shard_spec import check_shard, resolve_plain_spec, resolve_shard_spec
 
 # ImageNet's normalisation constants: what the official OpenVision 2 recipe trains with
 # (big_vision's `vgg_value_range`).
@@ -28,7 +27,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # tf.image.random_contrast / random_saturation need 1 - 0.8 * strength >= 0.
 MAX_COLOR_JITTER = 1.25
 
-_TAR_BLOCK = 512
 
 
 @dataclass
@@ -239,68 +237,6 @@ def _check_range(name: str, value: tuple[float, float], upper: float | None) -> 
     if not (0 < lo <= hi) or (upper is not None and hi > upper):
         bound = f"0 < low <= high <= {upper}" if upper is not None else "0 < low <= high"
         raise ValueError(f"DataConfig.{name} {tuple(value)} is invalid: need {bound}")
-
-
-def resolve_shard_spec(spec: str | list) -> list[str]:
-    """Expand any shard spec (see DataConfig.train_shards) into validated tar paths; a
-    mixture's sources are concatenated (their weights apply in the loader, mixing.py)."""
-    from ov2_megatron.data.mixing import parse_sources
-
-    sources = parse_sources(spec)
-    if not sources:
-        raise ValueError("shard spec is empty: give a glob, directory or comma list of .tar files")
-    paths: list[str] = []
-    for source in sources:
-        paths.extend(resolve_plain_spec(source.spec))
-    return paths
-
-
-def resolve_plain_spec(spec: str) -> list[str]:
-    """Expand a glob / directory / comma list into validated tar paths (see DataConfig)."""
-    if not spec.strip():
-        raise ValueError("shard spec is empty: give a glob, directory or comma list of .tar files")
-    paths: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"shard directory {part} holds no .tar files: run "
-                                        "tools/prepare_shards.py --output there first")
-            paths.extend(found)
-        elif glob.has_magic(part):
-            found = sorted(glob.glob(part))
-            if not found:
-                raise FileNotFoundError(f"shard glob {part} matched no files: check the path")
-            paths.extend(found)
-        else:
-            paths.append(part)
-    for path in paths:
-        check_shard(path)
-    return paths
-
-
-def check_shard(path: str) -> None:
-    """Open `path` and parse its first tar header; raise a clear error if that fails."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"shard {path} does not exist: fix the shard list in the config")
-    if not os.path.isfile(path):
-        raise ValueError(f"shard {path} is not a regular file: list .tar files or a directory")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_TAR_BLOCK)
-    except OSError as err:
-        raise PermissionError(f"shard {path} cannot be read ({err.strerror}): fix its "
-                              "permissions or remove it from the shard list") from err
-    if len(head) < _TAR_BLOCK:
-        raise ValueError(f"shard {path} is {len(head)} bytes, too short to be a tar: "
-                         "re-create it with tools/prepare_shards.py")
-    try:
-        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError as err:
-        raise ValueError(f"shard {path} is not a valid tar ({err}): re-create it with "
-                         "tools/prepare_shards.py or remove it from the shard list") from err
 
 
 def every_letter_case(extensions: tuple[str, ...]) -> tuple[str, ...]:

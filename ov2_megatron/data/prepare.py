@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 from ov2_megatron.data.captions import candidates_in
 from ov2_megatron.data.sample_checks import Issue, check_caption, inspect_image
-from ov2_megatron.data.shards import Sample, ShardWriter, iter_shards_checked
+from ov2_megatron.data.shard_spec import COMPRESSED_SUFFIXES, expand_braces, split_outside_braces
+from ov2_megatron.data.shards import (Sample, ShardCutError, ShardWriter, iter_shards_checked,
+                                       warn_cut)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img", "jpg")
@@ -124,15 +126,13 @@ def _ordered_map(pool, jobs: Iterator, window: int = 4096) -> Iterator:
 
 def iter_inputs(path: str, image_column: str | None = None, caption_column: str | None = None,
                 caption_key: str = "") -> Iterator[RawSample]:
-    """Samples of a folder (images + same-named .txt, optional .json), a folder of .tar
-    shards, one .tar shard or a table file."""
-    if os.path.isdir(path):
-        if _has_images(path):
-            yield from _iter_folder(path, caption_key=caption_key)
-        else:
-            yield from _iter_shards(_tars_in(path), caption_key)
-    elif os.path.isfile(path) and path.endswith(".tar"):
-        yield from _iter_shards([path], caption_key)
+    """Samples of a folder (images + same-named .txt, optional .json), shards (a folder of
+    them, one, a glob, a brace pattern or a comma list; .tar.gz too) or a table file."""
+    tars = input_shards(path)
+    if tars is not None:
+        yield from _iter_shards(tars, caption_key)
+    elif os.path.isdir(path):
+        yield from _iter_folder(path, caption_key=caption_key)
     elif os.path.isfile(path):
         yield from _iter_table(path, image_column, caption_column)
     else:
@@ -145,8 +145,28 @@ def _has_images(root: str) -> bool:
                for p in glob.iglob(os.path.join(root, "**", "*"), recursive=True))
 
 
+def input_shards(path: str) -> list[str] | None:
+    """The tars `path` names when it names shards (see shard_spec.py; compressed ones too),
+    else None (a folder of images or a table)."""
+    if os.path.isdir(path):
+        return None if _has_images(path) else _tars_in(path)
+    if os.path.isfile(path):
+        return [path] if _is_tar(path) else None
+    tars = [found for part in split_outside_braces(path) for pattern in expand_braces(part)
+            for found in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])]
+    missing = [tar for tar in tars if not os.path.isfile(tar)]
+    if not tars or missing or not all(_is_tar(tar) for tar in tars):
+        return None  # iter_inputs names what does not exist
+    return tars
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith((".tar",) + COMPRESSED_SUFFIXES)
+
+
 def _tars_in(root: str) -> list[str]:
-    tars = sorted(glob.glob(os.path.join(root, "*.tar")))  # flat, as img2dataset writes
+    """Flat, as img2dataset writes; compressed tars too (training needs them unpacked)."""
+    tars = sorted(p for p in glob.glob(os.path.join(glob.escape(root), "*")) if _is_tar(p))
     if not tars:
         raise ValueError(f"input folder {root} holds no images ({', '.join(IMAGE_EXTS)}) and "
                          "no .tar shards: point --input at the images or the shards")
@@ -154,9 +174,22 @@ def _tars_in(root: str) -> list[str]:
 
 
 def _iter_shards(tars: list[str], caption_key: str) -> Iterator[RawSample]:
-    """Samples of existing webdataset shards (caption option checked on the first sample)."""
-    for tar, sample in iter_shards_checked(tars, caption_key):
+    """Samples of existing webdataset shards (caption option checked on the first sample). A
+    cut or unreadable shard keeps its complete samples and is listed in the skip report as
+    `cut_shard`, named; the job goes on with the next shard."""
+    cuts: list[ShardCutError] = []
+    for tar, sample in iter_shards_checked(tars, caption_key, on_cut=cuts.append):
+        yield from _cut_entries(cuts)
         yield _shard_raw_sample(tar, sample, caption_key)
+    yield from _cut_entries(cuts)
+
+
+def _cut_entries(cuts: list[ShardCutError]) -> Iterator[RawSample]:
+    while cuts:
+        cut = cuts.pop(0)
+        warn_cut(cut)
+        yield RawSample(source=f"{cut.shard} (after {cut.complete} complete samples)",
+                        skip_reason="cut_shard")
 
 
 def _shard_raw_sample(tar: str, sample: Sample, caption_key: str) -> RawSample:
@@ -280,8 +313,9 @@ def input_fingerprint(path: str, samples_per_shard: int, max_image_pixels: int,
     the settings. Equal digests mean a re-run would write identical shards."""
     digest = hashlib.sha256(
         f"{_FORMAT_VERSION} {samples_per_shard} {max_image_pixels} {caption_key}".encode())
-    if os.path.isdir(path) and not _has_images(path):  # a folder of input shards
-        files = sorted(glob.glob(os.path.join(path, "*.tar")))
+    tars = input_shards(path)
+    if tars is not None:
+        files = tars
     elif os.path.isdir(path):  # images and their sidecars only: an output dir inside is ignored
         files = []
         for sample in _iter_folder(path, read=False):

@@ -43,19 +43,19 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageOps
 
-from ov2_megatron.data.config import index_path_for, resolve_plain_spec
+from ov2_megatron.data.config import index_path_for
 from ov2_megatron.data.sample_checks import Issue, check_encoded_image
+from ov2_megatron.data.shard_spec import expand_braces, resolve_plain_spec, split_outside_braces
 from ov2_megatron.data.shard_index import build_index, samples_in_index, write_index
-from ov2_megatron.data.shards import IMAGE_ENTRY_EXTS
+from ov2_megatron.data.shards import IMAGE_ENTRY_EXTS, iter_members
 
 RECORD_DIR = ".resize"
 _FORMAT_VERSION = 1
@@ -137,26 +137,6 @@ def _target_size(size: tuple[int, int], short_side: int, gap: int = 1) -> tuple[
     side = short_side * gap
     return (side, max(side, round(h * side / w))) if w <= h else \
         (max(side, round(w * side / h)), side)
-
-
-def iter_members(path: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, [(member name, bytes), ...]) of a tar in stored order, grouped as DALI's index
-    groups them (key: the name up to the first dot of its base name). A tar that cannot be
-    read to its end raises tarfile.TarError after its last complete sample."""
-    with tarfile.open(path, "r:") as tar:
-        key, members = None, []
-        for member in tar:
-            base_start = member.name.rfind("/") + 1
-            dot = member.name.find(".", base_start)
-            if not member.isreg() or dot <= base_start:
-                continue  # directories, extension-less and hidden files: no sample component
-            if member.name[:dot] != key and members:
-                yield key, members
-                members = []
-            key = member.name[:dot]
-            members.append((member.name, tar.extractfile(member).read()))
-        if members:
-            yield key, members
 
 
 def resize_sample(members: list[tuple[str, bytes]],
@@ -335,8 +315,8 @@ def resolve_inputs(spec: str) -> list[str]:
     """Tar paths of `spec`: a .tar, a folder of them, a glob, a brace pattern as webdataset
     writes them (`shard-{000000..000099}.tar`, `{a,b}.tar`), or a comma list of those."""
     paths: list[str] = []
-    for part in _split_outside_braces(spec):
-        for path in _expand_braces(part):
+    for part in split_outside_braces(spec):
+        for path in expand_braces(part):
             if not glob.has_magic(path) and not os.path.exists(path):
                 raise FileNotFoundError(f"input {path} does not exist: give a .tar shard, a "
                                         "folder of them, a glob or a brace pattern")
@@ -344,32 +324,6 @@ def resolve_inputs(spec: str) -> list[str]:
     if not paths:
         raise ValueError(f"input {spec!r} names no shards")
     return paths
-
-
-def _split_outside_braces(spec: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(spec + ","):
-        depth += (char == "{") - (char == "}")
-        if char == "," and depth == 0:
-            parts.append(spec[start:i].strip())
-            start = i + 1
-    return [part for part in parts if part]
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if span:  # zero-padded like its bounds: {000..009} -> 000, 001, ...
-        low, high = span.groups()
-        width = len(low) if len(low) == len(high) else 0
-        choices = [f"{i:0{width}d}" for i in range(int(low), int(high) + 1)]
-    else:
-        choices = body.split(",")
-    return [path for choice in choices for path in
-            _expand_braces(pattern[:match.start()] + choice + pattern[match.end():])]
 
 
 def _check_output(inputs: list[str], out_dir: str) -> None:

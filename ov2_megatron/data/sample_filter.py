@@ -102,6 +102,15 @@ class SampleFilter:
             return Issue.CAPTION_TOO_LONG, ""
         return issue, text
 
+    def check(self, image, caption, meta, draw: float | None) -> tuple[Issue, str]:
+        """(issue, caption text) of one sample's encoded image, .txt and .json entries: what
+        the loader keeps or skips (also --dry-run's shard probe, data/shard_probe.py)."""
+        issue = check_encoded_image(image, self.max_image_pixels)
+        if issue == Issue.OK and self.blocklist and self._is_blocked(image):
+            issue = Issue.UNDECODABLE
+        caption_issue, text = self._caption(caption, meta, draw)
+        return (caption_issue if issue == Issue.OK else issue), text
+
     def __call__(self, jpegs: list[np.ndarray], captions: list[np.ndarray],
                  metas: list[np.ndarray], draws: list[np.ndarray],
                  image_sources: list[np.ndarray], text_sources: list[np.ndarray],
@@ -110,12 +119,7 @@ class SampleFilter:
         for jpeg, caption, meta, draw, *entry_sources in zip(
                 jpegs, captions, metas, draws, image_sources, text_sources, meta_sources,
                 strict=True):
-            issue = check_encoded_image(jpeg, self.max_image_pixels)
-            if issue == Issue.OK and self.blocklist and self._is_blocked(jpeg):
-                issue = Issue.UNDECODABLE
-            caption_issue, text = self._caption(caption, meta, draw)
-            if issue == Issue.OK:
-                issue = caption_issue
+            issue, text = self.check(jpeg, caption, meta, draw)
             # The decoder must see valid data even for a rejected row; the loader drops it later.
             out_jpegs.append(jpeg if issue == Issue.OK else self.placeholder)
             issues.append(np.array(int(issue), dtype=np.int32))

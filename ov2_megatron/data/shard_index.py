@@ -5,7 +5,12 @@ run; with 20,000 shards that is minutes. So the loader makes each missing index 
 its shard (`X.tar` -> `X.idx`, what `wds2idx` names it), or, when the data directory is
 read-only, in a cache directory under a name keyed by the shard's absolute path, size and
 mtime (a rewritten shard gets a new index). Each index is written to a temporary name and
-renamed, so ranks making the same index at once cannot leave a torn file.
+renamed, so ranks making the same index at once cannot leave a torn file. An index found is
+checked against its shard's content (index_describes), not its mtime, and remade when stale.
+
+Downloads as they arrive: a shard cut inside a member is indexed to its last complete sample
+and named in a warning on every use (webdataset's warn_and_continue); whitespace in a key
+(`my photo.jpg`) is %-escaped in the index's space-separated name field.
 
 The index is built from tarfile's member offsets: the tar is read header by header (data
 blocks are skipped), about a millisecond per 1,000-sample shard, without wds2idx's two `tar`
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
+import warnings
 
 from ov2_megatron.data.config import index_path_for
 from ov2_megatron.data.shards import INDEX_VERSION
@@ -26,28 +33,55 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ov2_megatron", "wds-index")
 
 
 def build_index(shard: str) -> list[str]:
-    """Index lines (one per sample, "ext offset size name ...") of `shard`, in stored order."""
+    """Index lines (one per sample, "ext offset size name ...") of `shard`, in stored order.
+    A shard cut inside a member (an interrupted download) is indexed up to its last complete
+    sample (ensure_index warns, naming it): webdataset's warn_and_continue, not a crash in
+    DALI or tarfile."""
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(shard, "r:") as tar:
-        for member in tar:
-            name = member.name
-            if not member.isreg() or any(c.isspace() for c in name):
-                continue  # the index format is space-separated: such a name cannot be listed
-            dot = name.find(".", name.rfind("/") + 1)
-            key, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
-            if not key or key.endswith("/") or not ext:
-                continue  # hidden files and extension-less entries are no sample component
-            component = f"{ext} {member.offset_data} {member.size} {name}"
-            if key != last_key:
-                samples.append([component])
-                last_key = key
-            else:
-                samples[-1].append(component)
+    cut = False
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                name = member.name
+                dot = name.find(".", name.rfind("/") + 1)
+                key, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+                if not member.isreg() or not key or key.endswith("/") or not ext:
+                    continue  # directories, hidden and extension-less files: no component
+                if any(c.isspace() for c in ext):
+                    continue  # DALI matches `ext` as a whole word of the index line
+                component = f"{ext} {member.offset_data} {member.size} {_listed_name(name)}"
+                if key != last_key:
+                    samples.append([component])
+                    last_key = key
+                else:
+                    samples[-1].append(component)
+    except (tarfile.TarError, EOFError):
+        cut = True
+    if cut or is_cut(shard):
+        samples = samples[:-1]  # the sample at the cut may have lost members
     if not samples:
-        raise ValueError(f"shard {shard} holds no KEY.EXT files: it is not a webdataset shard "
-                         "(make one with tools/prepare_shards.py)")
+        raise ValueError(f"shard {shard} holds no complete KEY.EXT files: it is not a "
+                         "webdataset shard, or it is cut before its first sample (make one "
+                         "with tools/prepare_shards.py)")
     return [" ".join(parts) for parts in samples]
+
+
+def _listed_name(name: str) -> str:
+    """The member name as the index lists it: the format is space-separated, so whitespace
+    in a key (`my photo.jpg`) is %-escaped. DALI reads members by offset; the name only
+    travels as the sample's source_info, where bad_data.shard_of finds the shard."""
+    return re.sub(r"\s", lambda m: f"%{ord(m.group()):02X}", name)
+
+
+def is_cut(shard: str) -> bool:
+    """True when the tar does not end in zero blocks: every tar writer ends an archive with
+    two of them (padded to its record size), so data there means the file was cut."""
+    with open(shard, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+        return any(f.read())
 
 
 def write_index(shard: str, index_path: str) -> None:
@@ -68,12 +102,23 @@ def cached_index_path(shard: str, cache_dir: str) -> str:
 
 
 def ensure_index(shard: str, cache_dir: str = "") -> str:
-    """Path of a usable index of `shard`, making it first when there is none."""
+    """Path of a usable index of `shard`, making it first when there is none or it is stale;
+    a cut shard is named in a warning on every use."""
+    index = _find_or_make(shard, cache_dir)
+    if is_cut(shard):
+        warnings.warn(f"shard {shard} is cut (it does not end in a tar's end-of-archive "
+                      "blocks: an interrupted download or copy?): training reads the "
+                      f"{samples_in_index(index)} complete sample(s) its index lists and skips "
+                      "the rest; re-download or re-create it", stacklevel=2)
+    return index
+
+
+def _find_or_make(shard: str, cache_dir: str) -> str:
     beside = index_path_for(shard)
-    if _usable(beside, shard):
+    if index_describes(beside, shard):
         return beside
     cached = cached_index_path(shard, cache_dir or DEFAULT_CACHE_DIR)
-    if _usable(cached, shard):
+    if index_describes(cached, shard):
         return cached
     try:
         write_index(shard, beside)
@@ -88,13 +133,46 @@ def ensure_index(shard: str, cache_dir: str = "") -> str:
     return cached
 
 
-def _usable(index: str, shard: str) -> bool:
-    # An index older than its shard describes an earlier version of it: offsets would be wrong.
+def index_describes(index: str, shard: str) -> bool:
+    """Whether `index` describes `shard` as it is now. Not by mtime: `rsync -a` and `cp -p`
+    put an older copy of a shard beside a newer index, and DALI then reads at wrong offsets
+    (a C++ assert). The check reads the index's first and last entries and the tar headers
+    just before those members: the shard must hold members of the listed sizes and names at
+    the listed offsets. Four small reads per shard."""
     try:
-        st = os.stat(index)
-    except OSError:
+        first, last = _end_entries(index)
+        with open(shard, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return all(_member_at(f, size, *entry) for entry in (first, last))
+    except (OSError, ValueError, IndexError):
         return False
-    return st.st_size > 0 and st.st_mtime_ns >= os.stat(shard).st_mtime_ns
+
+
+def _end_entries(index: str) -> tuple[tuple[int, int, str], tuple[int, int, str]]:
+    """(offset, size, name) of the first sample's first and the last sample's last member."""
+    with open(index, "rb") as f:
+        head = f.read(8192).decode().split("\n")
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        tail = f.read().decode().rstrip("\n").split("\n")
+    if head[0].split()[0] != INDEX_VERSION or len(head) < 2:
+        raise ValueError(f"index {index}: not a {INDEX_VERSION} index")
+    first, last = head[1].split(), tail[-1].split()
+    return (int(first[1]), int(first[2]), first[3]), (int(last[-3]), int(last[-2]), last[-1])
+
+
+def _member_at(f, shard_size: int, offset: int, size: int, listed: str) -> bool:
+    if offset < tarfile.BLOCKSIZE or offset + size > shard_size:
+        return False
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        header = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING,
+                                         "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    # Names past 100 characters live in a pax / GNU long-name record before this header,
+    # which holds a truncated copy: then the size and a valid header checksum decide.
+    return header.size == size and (_listed_name(header.name) == listed or len(listed) > 100)
 
 
 def ensure_indexes(shards: list[str], cache_dir: str = "") -> list[str]:
@@ -112,5 +190,6 @@ def samples_in_index(index: str) -> int:
     return int(header[1])
 
 
-__all__ = ["build_index", "write_index", "ensure_index", "ensure_indexes", "cached_index_path",
+__all__ = ["build_index", "write_index", "ensure_index", "is_cut", "index_describes",
+           "ensure_indexes", "cached_index_path",
            "samples_in_index", "DEFAULT_CACHE_DIR"]

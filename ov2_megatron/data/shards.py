@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,40 +122,79 @@ class ShardWriter:
         self.shard_paths.append(final_tar)
 
 
+class ShardCutError(tarfile.ReadError):
+    """A shard that cannot be read to its end: cut inside a member (an interrupted download or
+    copy) or not a tar at all. The reader has yielded every complete sample before the cut."""
+
+    def __init__(self, shard: str, complete: int, why: str):
+        self.shard, self.complete = shard, complete
+        super().__init__(f"shard {shard} is cut after {complete} complete sample(s) ({why}): "
+                         "the rest is skipped; re-download or re-create it")
+
+
+def iter_members(path: str, skip_data=lambda ext: False
+                 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(member name, bytes), ...]) of a tar in stored order, grouped as webdataset and
+    DALI's index group them: the key is the name up to the first dot of its base name (spaces
+    included) and consecutive members with one key are one sample. `skip_data(ext)` True reads
+    b"" for that member instead of its bytes. A group is yielded when the next key starts, so
+    at a cut the last, possibly partial sample is dropped and ShardCutError raised; a file
+    that is no tar at all is a ValueError naming it."""
+    mode = "r:" if path.lower().endswith(".tar") else "r:*"  # prepare_shards reads .tar.gz
+    try:
+        tar = tarfile.open(path, mode)
+    except tarfile.TarError as err:
+        raise ValueError(f"shard {path} is not a readable tar ({err}): remove it from the "
+                         "input or re-download it") from None
+    key, members, complete = None, [], 0
+    try:
+        with tar:
+            for member in tar:
+                base_start = member.name.rfind("/") + 1
+                dot = member.name.find(".", base_start)
+                if not member.isreg() or dot <= base_start:
+                    continue  # directories, extension-less and hidden files: no component
+                if member.name[:dot] != key and members:
+                    yield key, members
+                    members, complete = [], complete + 1
+                key = member.name[:dot]
+                data = b"" if skip_data(member.name[dot + 1:]) else \
+                    tar.extractfile(member).read()
+                members.append((member.name, data))
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardCutError(path, complete, str(err) or type(err).__name__) from None
+    if members:
+        yield key, members
+
+
 def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
     """Samples of one shard in stored order, read with tarfile (no DALI). Captions are decoded
-    leniently here: this serves tokenizer training, the baseline loader and tests."""
-    with tarfile.open(path, "r:") as tar:
-        current: dict[str, bytes] = {}
-        key = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            dot = base.find(".")
-            if dot <= 0:
-                continue
-            mkey, ext = member.name[: len(member.name) - len(base) + dot], base[dot + 1:]
-            if ext.lower() in IMAGE_ENTRY_EXTS:  # KEY.JPG is an image, as for the loader
-                ext = ext.lower()
-            if key is not None and mkey != key:
-                yield _to_sample(key, current)
-                current = {}
-            key = mkey
-            if ext in IMAGE_ENTRY_EXTS and not with_images:
-                current[ext] = b""
-            else:
-                current[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield _to_sample(key, current)
+    leniently here: this serves tokenizer training, the baseline loader and tests. A cut shard
+    yields its complete samples, then raises ShardCutError."""
+    def skip(ext: str) -> bool:
+        return not with_images and ext.lower() in IMAGE_ENTRY_EXTS
+
+    for key, members in iter_members(path, skip):
+        parts = {}
+        for name, data in members:
+            ext = name[name.find(".", name.rfind("/") + 1) + 1:]
+            parts[ext.lower() if ext.lower() in IMAGE_ENTRY_EXTS else ext] = data
+        yield _to_sample(key, parts)
 
 
-def iter_shards_checked(paths: list[str], caption_key: str = "",
-                        with_images: bool = True) -> Iterator[tuple[str, Sample]]:
+def warn_cut(error: ShardCutError) -> None:
+    print(f"warning: {error}", file=sys.stderr, flush=True)
+
+
+def iter_shards_checked(paths: list[str], caption_key: str | None = "",
+                        with_images: bool = True, on_cut=warn_cut
+                        ) -> Iterator[tuple[str, Sample]]:
     """(shard path, sample) over `paths` in order. The first sample's caption is checked
-    against `caption_key`: a wrong option is one clear ValueError naming the shard and the
-    fix, not a skip report of every sample. An unreadable tar is a ValueError naming it."""
-    checked = False
+    against `caption_key` (None: readers that need no caption): a wrong option is one clear
+    ValueError naming the shard and the fix, not a skip report of every sample. A cut or unreadable shard is webdataset's
+    `warn_and_continue`: its complete samples are read, `on_cut(error)` is told, and the
+    next shard follows."""
+    checked = caption_key is None
     for path in paths:
         try:
             for sample in iter_shard(path, with_images):
@@ -165,9 +205,8 @@ def iter_shards_checked(paths: list[str], caption_key: str = "",
                         raise ValueError(hint)
                     checked = True
                 yield path, sample
-        except tarfile.TarError as err:
-            raise ValueError(f"shard {path} is not a readable tar ({err}): remove it from the "
-                             "input or re-download it") from None
+        except ShardCutError as err:
+            on_cut(err)
 
 
 def _to_sample(key: str, parts: dict[str, bytes]) -> Sample:
@@ -198,5 +237,6 @@ def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-__all__ = ["Sample", "ShardWriter", "iter_shard", "iter_shards_checked", "read_index",
+__all__ = ["Sample", "ShardWriter", "ShardCutError", "iter_members", "iter_shard",
+           "iter_shards_checked", "warn_cut", "read_index",
            "SHARD_PATTERN", "INDEX_VERSION"]

@@ -90,6 +90,19 @@ def check_data(run: RunConfig, dp_size: int) -> list[str]:
     return notes
 
 
+def probe(run: RunConfig) -> list[str]:
+    """--dry-run's read of every shard's first samples (data/shard_probe.py): what training
+    would skip, cut shards, stale index files."""
+    from ov2_megatron.data.shard_probe import probe_shards
+
+    data = run.data
+    sets = [("training", data.train_shards)]
+    if given(data.val_shards):
+        sets.append(("validation", data.val_shards))
+    return [line for what, spec in sets
+            for line in probe_shards(resolve_shard_spec(spec), data).lines(what)]
+
+
 def _index_note(what: str, shards: list[str]) -> str:
     missing = [s for s in shards if not os.path.isfile(index_path_for(s))]
     for shard in shards:
@@ -116,7 +129,7 @@ def _index_samples(index_path: str) -> int:
 
 def count_samples(shards: list[str], enough: int) -> int:
     """Samples in `shards`, counted until `enough` (index headers, else tar member names)."""
-    from ov2_megatron.data.shards import iter_shard
+    from ov2_megatron.data.shards import ShardCutError, iter_shard
 
     total = 0
     for shard in shards:
@@ -124,7 +137,10 @@ def count_samples(shards: list[str], enough: int) -> int:
         if os.path.isfile(index):
             total += _index_samples(index)
         else:
-            total += sum(1 for _ in iter_shard(shard, with_images=False))
+            try:
+                total += sum(1 for _ in iter_shard(shard, with_images=False))
+            except ShardCutError as cut:  # the probe and the loader name it
+                total += cut.complete
         if total >= enough:
             break
     return total

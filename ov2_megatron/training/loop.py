@@ -285,12 +285,24 @@ def train_step(model, optimizer, scheduler, batches, geom, micro_batch: int):
     return loss, grad_norm, totals
 
 
+def _say_interrupted_saves(output_dir: str) -> None:
+    """A run whose only checkpoint saves were interrupted starts over: say so, rather than
+    let step 1 appear as if nothing had run before."""
+    root = os.path.join(output_dir, "checkpoints")
+    partial = sorted(d for d in os.listdir(root) if d.endswith(".partial")) \
+        if os.path.isdir(root) else []
+    if partial and dist.get_rank() == 0:
+        print(f"resume: no complete checkpoint in {root} (the save of {partial[-1]} was "
+              "interrupted): starting from step 0", flush=True)
+
+
 def _restore(run, model, optimizer, scheduler, geom: SequenceGeometry):
     """Weights, optimizer, RNG and schedule from the run's checkpoint, if any; returns the
     step to start at and the saved data-stream states (None: a fresh stream)."""
     command_lrs = _group_lrs(optimizer)  # before a load replaces them with the checkpoint's
     step_dir = checkpoint.resolve(run.train.output_dir)
     if step_dir is None:
+        _say_interrupted_saves(run.train.output_dir)
         if run.train.init_from:
             stage_transfer.load_stage_weights(run.train.init_from, model, run)
             adopt_loaded_weights(optimizer)

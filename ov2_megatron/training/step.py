@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
+from ov2_megatron.data.bad_data import BadDataError
 from ov2_megatron.models.token_drop import keep_indices
 
 
@@ -46,15 +47,36 @@ class BatchStream:
         local = self.micro_batch * self.micro_batches
         global_batch = local * parallel_state.get_data_parallel_world_size()
         base = step * global_batch + self.dp_rank * local
-        batches = []
-        for i in range(self.micro_batches):
-            item = next(self._iter)
-            index = torch.arange(base + i * self.micro_batch, base + (i + 1) * self.micro_batch)
-            keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
-            batches.append(MicroBatch(item["images"].to(self.device, non_blocking=True),
-                                      item["tokens"].to(self.device, non_blocking=True),
-                                      keep.to(self.device, non_blocking=True)))
+        batches, failure = [], ""
+        try:
+            for i in range(self.micro_batches):
+                item = next(self._iter)
+                index = torch.arange(base + i * self.micro_batch,
+                                     base + (i + 1) * self.micro_batch)
+                keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
+                batches.append(MicroBatch(item["images"].to(self.device, non_blocking=True),
+                                          item["tokens"].to(self.device, non_blocking=True),
+                                          keep.to(self.device, non_blocking=True)))
+        except BadDataError as error:
+            failure = str(error)
+        stop_together_on_bad_data(failure, self.device)
         return batches, time.perf_counter() - start
+
+
+def stop_together_on_bad_data(failure: str, device: torch.device) -> None:
+    """Raise BadDataError on every rank, with the first failing rank's message, when any
+    rank's loader gave up (a whole window of bad samples). Each rank reads other samples, so
+    one may give up alone; the others would wait for it in the step's first collective until
+    the process-group timeout. The price is one 1-element all-reduce per step, before any
+    compute is queued (the device is idle there after the previous step's stop agreement)."""
+    flag = torch.tensor([1.0 if failure else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, failure)
+    rank, message = next((r, m) for r, m in enumerate(messages) if m)
+    raise BadDataError(f"rank {rank}: {message}")
 
 
 def forward_step(data_iterator, model):

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import tarfile
 import time
 
 import pytest
@@ -47,10 +48,10 @@ def train(shards: str, tokenizer: str, output_dir: str):
         f"train.output_dir={output_dir}", "train.steps=2", "train.warmup_steps=1",
         "train.global_batch=4", "train.micro_batch=2", "train.eval_batches=1",
         "train.num_generate=0", "data.num_threads=1", "data.bad_sample_window=64"])
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         summary = loop.train(run)
-    return summary, out.getvalue()
+    return summary, out.getvalue() + err.getvalue()
 
 
 def train_on_each(cases: dict, tokenizer: str, root: str) -> dict:
@@ -77,6 +78,34 @@ def test_trains_on_png_webp_json_captions_mixed_and_upper_case_extensions(tmp_pa
             assert not record.get("bad_samples"), (name, record)  # every sample was read
 
 
+def test_a_cut_shard_is_named_and_training_reads_its_complete_samples(tmp_path):
+    """An interrupted download (a shard cut inside its last image) next to whole shards, and
+    keys with spaces: the run warns naming the cut shard and trains on every complete sample
+    (it crashed in tarfile with a traceback naming no shard; spaced keys were dropped)."""
+    tokenizer = synthetic_dataset().tokenizer_model
+    shards = write_shards(str(tmp_path / "cut"), ("JPEG", "PNG"))
+    cut = os.path.join(shards, "jpeg-00001.tar")
+    with tarfile.open(cut) as tar:
+        last_image = [m for m in tar if m.name.endswith(".jpg")][-1]
+    with open(cut, "r+b") as f:
+        f.truncate(last_image.offset_data + 100)
+    spaced = os.path.join(shards, "png-00000.tar")
+    with tarfile.open(spaced) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(spaced, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            member.name = "my photo " + member.name
+            tar.addfile(member, io.BytesIO(data))
+    summary, log = run_distributed(train, 1, args=(shards, tokenizer, str(tmp_path / "run")),
+                                   timeout=300)[0]
+    assert summary["step"] == 2 and 0 < summary["val_loss"] < 20, summary
+    assert f"shard {cut} is cut" in log and "7 complete sample(s)" in log, log
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert not any(r.get("bad_samples") for r in steps), steps
+
+
 def test_a_fully_bad_shard_set_stops_with_the_shards_named_in_seconds(tmp_path):
     tokenizer = synthetic_dataset().tokenizer_model
     shards = write_shards(str(tmp_path / "no-captions"), ("JPEG",), with_caption=False)
@@ -100,3 +129,37 @@ def test_a_sample_without_image_or_txt_is_named_by_its_json(tmp_path):
     message = str(failure.value)
     assert "empty_image" in message and "jpeg-00000.tar" in message, message
     assert "<unknown shard>" not in message, message
+
+
+def test_bad_data_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """Two ranks, one reading a shard without captions: before, that rank raised BadDataError
+    with a traceback and the other waited in a collective until the process-group timeout.
+    Now both stop at the same step, each with the same one line, exit code 3."""
+    import subprocess
+
+    from tests.slurm.jobs import REPO, launcher_env
+    from tests.slurm.test_torchrun import _clean_env
+
+    tokenizer = synthetic_dataset().tokenizer_model
+    good = write_shards(str(tmp_path / "good"), ("JPEG",))
+    bad = write_shards(str(tmp_path / "bad"), ("PNG",), with_caption=False)
+    shards = f"{good}/jpeg-00000.tar,{bad}/png-00000.tar"
+    args = [str(REPO / "launch" / "torchrun.sh"), "2", "--recipe", "tiny_cpu"]
+    for item in (f"data.train_shards={shards}", "data.caption_key=re_caption",
+                 f"data.tokenizer_model={tokenizer}", "model.vision.image_size=32",
+                 "data.resolution=32", f"train.output_dir={tmp_path / 'run'}",
+                 "train.steps=4", "train.global_batch=4", "train.micro_batch=2",
+                 "train.num_generate=0", "train.linear_probe=false", "data.num_threads=1",
+                 "data.bad_sample_window=4",
+                 f"data.val_shards={good}/jpeg-00001.tar"):
+        args += ["--set", item]
+    done = subprocess.run(args, env=_clean_env(**launcher_env(str(tmp_path / "cache"))),
+                          capture_output=True, text=True, timeout=240, start_new_session=True)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log
+    lines = [line for line in log.splitlines() if "ov2-train: stopped by the data:" in line]
+    assert len(lines) == 2, log
+    assert len({line.split("ov2-train:", 1)[1] for line in lines}) == 1, lines  # the same line
+    assert "all of the last 4 samples were bad" in lines[0] and "png-00000.tar" in lines[0]
+    # torchrun's agent still prints its own ChildFailedError; nothing of ours raises.
+    assert not [line for line in log.splitlines() if "ov2_megatron" in line and 'File "' in line]

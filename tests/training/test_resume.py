@@ -93,6 +93,30 @@ def test_crash_during_save_keeps_latest_on_the_last_complete_checkpoint(tmp_path
     assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000004"]
 
 
+def train_rank_printing(output_dir: str) -> tuple[dict, str]:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train_rank(output_dir)
+    return result, out.getvalue()
+
+
+def test_a_rerun_after_an_interrupted_first_save_says_it_starts_over(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(Exception, match="simulated crash during checkpoint save"):
+        run_distributed(train_rank, 1, args=(out, None, (), 2), timeout=300)
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step_00000002.partial"]
+    result, printed = run_distributed(train_rank_printing, 1, args=(out,), timeout=300)[0]
+    assert result["step"] == STEPS
+    assert (f"resume: no complete checkpoint in {out}/checkpoints (the save of "
+            "step_00000002.partial was interrupted): starting from step 0") in printed
+    with open(os.path.join(out, "metrics.jsonl")) as f:  # each step once, not 1, 2, 1, 2, ...
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == \
+            list(range(1, STEPS + 1))
+
+
 def weights_after_restore(output_dir: str, tp: int, pp: int):
     from megatron.core.utils import unwrap_model
 

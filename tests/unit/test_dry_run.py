@@ -180,3 +180,43 @@ def test_dry_run_prints_the_warmup_rule(capsys):
             "train.global_batch 64 / 256), warmup 1 steps: 30 steps (train.warmup_samples 1,920 "
             "// train.global_batch 64) does not fit") in capsys.readouterr().out
     assert "data: the synthetic set (8000 train / 256 validation images" in out
+
+
+def test_dry_run_reads_each_shards_first_samples_and_names_what_training_skips(
+        shards, tmp_path, capsys):
+    """A cut shard, an all-.JPG shard, a shard of GIFs and a stale index: the dry-run reads the
+    first samples of each and says what training would skip, with an example each; before, it
+    opened each shard's first header only and passed all of them."""
+    from tests.data.shard_factory import gif_bytes, image_bytes, write_img2dataset_shard
+    from tests.data.test_shard_edges import cut_inside_last_image
+
+    root = tmp_path / "own"
+    root.mkdir()
+
+    def shard(name, ext, image):
+        return write_img2dataset_shard(str(root / name), [
+            (f"{name[:3]}{i}", {ext: image(i), "txt": b"a red circle"}) for i in range(4)])
+
+    shard("jpg-upper.tar", "JPG", lambda i: image_bytes(i, "JPEG"))
+    shard("gif.tar", "jpg", lambda i: gif_bytes())
+    cut = shard("cut.tar", "jpg", lambda i: image_bytes(i, "JPEG"))
+    cut_inside_last_image(cut)
+    stale = shard("stale.tar", "jpg", lambda i: image_bytes(i, "JPEG"))
+    with open(stale[:-4] + ".idx", "w") as f:
+        f.write("v1.2 1\njpg 512 99 other.jpg\n")
+    args = ["--recipe", "tiny_cpu", "--dry-run", "--set", f"data.train_shards={root}",
+            "--set", f"data.tokenizer_model={shards.tokenizer_model}",
+            "--set", f"data.val_shards={shards.val_dir}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert ("training shards probed: 4, first samples read: 8, training would skip 2 "
+            "(unsupported_image 2, e.g. gif.tar:gif0)") in out
+    assert f"training shards cut (an interrupted download or copy?): 1, e.g. {cut}" in out
+    assert (f"training index files that no longer match their shard: 1, e.g. "
+            f"{stale[:-4]}.idx") in out
+    assert "validation shards probed: 2, first samples read: 4, training would skip 0" in out
+    # Captions only in .json and no data.caption_key: one line naming the shard and the fix.
+    write_img2dataset_shard(str(root / "json.tar"), [
+        ("j0", {"jpg": image_bytes(0, "JPEG"), "json": b'{"caption": "x"}'})])
+    assert main([*args, "--set", f"data.train_shards={root}/json.tar"]) == 2
+    assert "has no .txt caption; its .json has fields ['caption']" in capsys.readouterr().err
