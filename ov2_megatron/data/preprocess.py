@@ -65,7 +65,9 @@ class EvalTransform:
         """PIL image -> [3, S, S] float32, normalised."""
         from PIL import Image
 
-        image = image.convert("RGB")
+        from ov2_megatron.data.image_decode import to_rgb
+
+        image = to_rgb(image)  # upright, 16-bit scaled: the picture training decodes
         resample = Image.BILINEAR if self.interpolation == "bilinear" else Image.BICUBIC
         image = image.resize(self.resized_size(*image.size), resample)
         if self.resize == "shortest":

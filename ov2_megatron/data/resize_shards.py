@@ -52,9 +52,10 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageOps
 
 from ov2_megatron.data.config import index_path_for
+from ov2_megatron.data.image_decode import to_rgb
 from ov2_megatron.data.sample_checks import Issue, check_encoded_image
-from ov2_megatron.data.shard_spec import expand_braces, resolve_plain_spec, split_outside_braces
 from ov2_megatron.data.shard_index import build_index, samples_in_index, write_index
+from ov2_megatron.data.shard_spec import expand_braces, resolve_plain_spec, split_outside_braces
 from ov2_megatron.data.shards import IMAGE_ENTRY_EXTS, iter_members
 
 RECORD_DIR = ".resize"
@@ -123,7 +124,7 @@ def resize_image(data: bytes, settings: ResizeSettings) -> tuple[bytes | None, s
                 Image.DecompressionBombError) as err:
             return None, f"undecodable: {type(err).__name__}", False
     if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit scaled, not clipped to white
     if not small:
         image = image.resize(_target_size(image.size, settings.short_side), Image.LANCZOS)
     out = io.BytesIO()

@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ov2_megatron.data.image_decode import to_rgb
+
 
 class Issue(enum.IntEnum):
     """Why a sample was skipped or replaced. Values travel through DALI as int32."""
@@ -260,8 +262,10 @@ def inspect_image(data: bytes, max_pixels: int, jpeg_quality: int = 95) -> tuple
         return None, "corrupt: broken JPEG scan data"
     if keep_bytes and issue == Issue.OK:
         return data, ""
+    # A kept JPEG keeps its EXIF orientation tag (DALI applies it when training); a re-encoded
+    # image is made upright first, since the new JPEG carries no tag.
     out = io.BytesIO()
-    image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality)
+    to_rgb(image).save(out, format="JPEG", quality=jpeg_quality)
     return out.getvalue(), ""
 
 

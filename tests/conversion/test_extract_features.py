@@ -66,3 +66,29 @@ def test_images_shards_and_pixels_agree(tp2_run, tmp_path):
     with open(out["shards.safetensors"] + ".keys.txt") as f:
         assert f.read().split() == [f"img{i}" for i in range(5)]
     assert not os.path.exists(out["patches_out.npy"] + ".keys.txt")
+
+
+def test_an_exif_rotated_jpeg_gives_the_upright_images_features(tp2_run, tmp_path):
+    """A phone photo: pixels stored sideways with EXIF orientation 6 ("rotate 90 clockwise to
+    view"). Training (DALI) turns it upright; extract_features gave the sideways pixels'
+    features. Reference: the same picture stored upright without a tag (JPEG quality 100,
+    no chroma subsampling, sides multiples of 16, so the two encodings differ little)."""
+    rng = np.random.default_rng(5)
+    low = Image.fromarray(rng.integers(0, 255, (3, 4, 3), dtype=np.uint8))
+    upright = low.resize((64, 48), Image.BICUBIC)  # [w 64, h 48], smooth, not symmetric
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # stored as a camera would
+    tag = Image.Exif()
+    tag[0x0112] = 6  # Orientation: rotate 90 CW to view
+    images = tmp_path / "images"
+    images.mkdir()
+    jpeg = dict(format="JPEG", quality=100, subsampling=0)
+    upright.save(images / "a_upright.jpg", **jpeg)
+    sideways.save(images / "b_tagged.jpg", exif=tag.tobytes(), **jpeg)
+    sideways.save(images / "c_sideways.jpg", **jpeg)
+    out = str(tmp_path / "features.safetensors")
+    run_tools(("extract_features", ["--checkpoint", tp2_run, "--images", str(images),
+                                    "--output", out, "--features", "pooled"]))
+    pooled = load_file(out)["pooled"]
+    to_upright = np.linalg.norm(pooled[1] - pooled[0])
+    sideways_off = np.linalg.norm(pooled[2] - pooled[0])
+    assert to_upright < 0.1 * sideways_off, (to_upright, sideways_off)
