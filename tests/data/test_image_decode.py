@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ov2_megatron.data.image_decode import to_rgb
+from tests.data.test_shard_inputs import tool
 
 
 def grey16_png() -> tuple[bytes, np.ndarray]:
@@ -20,7 +21,6 @@ def grey16_png() -> tuple[bytes, np.ndarray]:
 
 
 def test_a_16_bit_png_keeps_its_content_through_prepare_shards(tmp_path):
-    from ov2_megatron.data.prepare import prepare_shards
     from ov2_megatron.data.resize_shards import ResizeSettings, resize_image
     from ov2_megatron.data.shards import iter_shard
 
@@ -30,8 +30,8 @@ def test_a_16_bit_png_keeps_its_content_through_prepare_shards(tmp_path):
     inputs.mkdir()
     (inputs / "grey.png").write_bytes(png)
     (inputs / "grey.txt").write_text("a grey gradient")
-    report = prepare_shards(str(inputs), str(tmp_path / "out"))
-    assert report.written == 1 and report.converted == 1
+    assert tool("prepare_shards")(["--input", str(inputs), "--output",
+                                   str(tmp_path / "out")]) == 0  # the command line
     sample = next(iter_shard(str(tmp_path / "out" / "shard-000000.tar")))
     got = np.asarray(Image.open(io.BytesIO(sample.jpeg)).convert("L"), dtype=np.int16)
     assert np.abs(got - want).max() <= 4  # JPEG error; before: 255 everywhere

@@ -13,6 +13,7 @@ from ov2_megatron.data.shard_index import build_index, ensure_index, index_descr
 from ov2_megatron.data.shard_spec import resolve_plain_spec
 from ov2_megatron.data.shards import iter_shard, iter_shards_checked, read_index
 from tests.data.shard_factory import image_bytes, write_img2dataset_shard
+from tests.data.test_shard_inputs import tool
 
 
 def write(path: str, keys: list[str], ext: str = "jpg") -> str:
@@ -98,8 +99,6 @@ def test_brace_patterns_globs_and_compressed_tars_in_every_shard_list(tmp_path):
 
 def test_prepare_shards_names_a_cut_shard_and_converts_the_rest(tmp_path, capsys):
     """It named the shard, then dropped the whole job; a .tar.gz input was not read."""
-    from ov2_megatron.data.prepare import prepare_shards
-
     inputs = tmp_path / "in"
     inputs.mkdir()
     cut = write(str(inputs / "a.tar"), ["a0", "a1", "a2"])
@@ -109,9 +108,13 @@ def test_prepare_shards_names_a_cut_shard_and_converts_the_rest(tmp_path, capsys
         with tarfile.open(whole) as source:
             for member in source:
                 tar.addfile(member, source.extractfile(member))
-    report = prepare_shards(str(inputs), str(tmp_path / "out"))
-    assert report.written == 4  # a0, a1 (complete before the cut), b0, b1 (from the .tar.gz)
-    assert report.skipped == [(f"{cut} (after 2 complete samples)", "cut_shard")]
-    assert f"shard {cut} is cut after 2 complete sample(s)" in capsys.readouterr().err
+    assert tool("prepare_shards")(["--input", str(inputs), "--output",
+                                   str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert f"shard {cut} is cut after 2 complete sample(s)" in printed.err
+    assert "skipped cut_shard: 1" in printed.out
+    assert "written: 4 skipped: 1" in printed.out  # a0, a1 before the cut; b0, b1 from .tar.gz
+    with open(tmp_path / "out" / "skipped.tsv") as f:
+        assert f"{cut} (after 2 complete samples)\tcut_shard" in f.read()
     keys = [s.key for p in sorted((tmp_path / "out").glob("*.tar")) for s in iter_shard(str(p))]
     assert len(keys) == 4
