@@ -30,6 +30,11 @@ writes N photo-like JPEGs (smooth colour fields, edges and sensor-like noise: JP
 to real photos at the same quality, unlike flat synthetic shapes) into shards under DIR, for
 the decode tables of docs/benchmarks/ (e.g. original size vs a stage-1 copy).
 
+    python tools/bench_data.py --scale 200x500,800x500 [--streams 1,8] [--scale-dir DIR]
+
+measures one rank's loader memory, start-up and shard-file opens against the dataset's size,
+for 1 and 8 data streams (perf/loader_scale.py; docs/benchmarks/ has the table).
+
     python tools/bench_data.py --startup 2000,20000 [--startup-dir DIR]
 
 measures instead what one rank's loader start-up costs for N shard paths (tiny one-sample
@@ -259,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of shard counts: measure loader start-up instead")
     parser.add_argument("--startup-dir", default=os.path.join(tempfile.gettempdir(),
                                                                "ov2-startup-bench"))
+    parser.add_argument("--scale", default="",
+                        help="comma list of SHARDSxSAMPLES: measure one rank's loader memory, "
+                        "start-up and file opens against dataset size (perf/loader_scale.py)")
+    parser.add_argument("--streams", default="1,8", help="--scale: data streams (DP ranks)")
+    parser.add_argument("--scale-dir", default=os.path.join(tempfile.gettempdir(),
+                                                             "ov2-scale-bench"))
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="DALI threads = DataLoader worker processes")
@@ -282,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_photos:
         width, height = (int(v) for v in args.photo_size.lower().split("x"))
         make_photo_shards(args.make_photos, args.count, width, height, args.quality)
+        return 0
+    if args.scale:
+        from ov2_megatron.perf.loader_scale import scale_benchmark
+
+        sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.scale.split(",")]
+        scale_benchmark(sizes, [int(n) for n in args.streams.split(",")], args.scale_dir)
         return 0
     if args.startup:
         startup_benchmark([int(n) for n in args.startup.split(",")], args.startup_dir)

@@ -20,6 +20,7 @@ to the first dot of the base name, and consecutive entries with one key form one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -78,10 +79,13 @@ def is_cut(shard: str) -> bool:
     """True when the tar does not end in zero blocks: every tar writer ends an archive with
     two of them (padded to its record size), so data there means the file was cut."""
     with open(shard, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
-        return any(f.read())
+        return _ends_cut(f)
+
+
+def _ends_cut(f) -> bool:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - 2 * tarfile.BLOCKSIZE))
+    return any(f.read(2 * tarfile.BLOCKSIZE))
 
 
 def write_index(shard: str, index_path: str) -> None:
@@ -103,9 +107,12 @@ def cached_index_path(shard: str, cache_dir: str) -> str:
 
 def ensure_index(shard: str, cache_dir: str = "") -> str:
     """Path of a usable index of `shard`, making it first when there is none or it is stale;
-    a cut shard is named in a warning on every use."""
-    index = _find_or_make(shard, cache_dir)
-    if is_cut(shard):
+    a cut shard is named in a warning on every use. The shard is opened once for both
+    checks: at 100k shards every open per shard per rank counts (#24)."""
+    with open(shard, "rb") as f:
+        index = _find_or_make(shard, f, cache_dir)
+        cut = _ends_cut(f)
+    if cut:
         warnings.warn(f"shard {shard} is cut (it does not end in a tar's end-of-archive "
                       "blocks: an interrupted download or copy?): training reads the "
                       f"{samples_in_index(index)} complete sample(s) its index lists and skips "
@@ -113,12 +120,12 @@ def ensure_index(shard: str, cache_dir: str = "") -> str:
     return index
 
 
-def _find_or_make(shard: str, cache_dir: str) -> str:
+def _find_or_make(shard: str, f, cache_dir: str) -> str:
     beside = index_path_for(shard)
-    if index_describes(beside, shard):
+    if index_describes(beside, shard, f):
         return beside
     cached = cached_index_path(shard, cache_dir or DEFAULT_CACHE_DIR)
-    if index_describes(cached, shard):
+    if index_describes(cached, shard, f):
         return cached
     try:
         write_index(shard, beside)
@@ -133,15 +140,15 @@ def _find_or_make(shard: str, cache_dir: str) -> str:
     return cached
 
 
-def index_describes(index: str, shard: str) -> bool:
+def index_describes(index: str, shard: str, opened=None) -> bool:
     """Whether `index` describes `shard` as it is now. Not by mtime: `rsync -a` and `cp -p`
     put an older copy of a shard beside a newer index, and DALI then reads at wrong offsets
     (a C++ assert). The check reads the index's first and last entries and the tar headers
     just before those members: the shard must hold members of the listed sizes and names at
-    the listed offsets. Four small reads per shard."""
+    the listed offsets. Four small reads per shard (`opened`: the shard's open file)."""
     try:
         first, last = _end_entries(index)
-        with open(shard, "rb") as f:
+        with contextlib.nullcontext(opened) if opened else open(shard, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             return all(_member_at(f, size, *entry) for entry in (first, last))
     except (OSError, ValueError, IndexError):

@@ -1,0 +1,132 @@
+"""How one rank's loader grows with the dataset and with the number of data streams (#24).
+
+    python tools/bench_data.py --scale 200x500,800x500 --streams 1,8 [--scale-dir DIR]
+
+For each dataset size (SHARDS x SAMPLES of tiny samples: a 16 x 16 JPEG and a caption, each
+shard with its DALI index, written once under DIR) and each stream count, one fresh process
+builds data-parallel rank 0's ImageCaptionLoader, as training builds it, and takes its first
+batch, under `strace -f`. Reported per rank:
+  RSS        resident memory after the first batch minus after the imports and the tokenizer
+             (the loader's own: DALI's sample table, its index parsing, buffers, memory maps)
+  B/sample   the RSS growth between the two dataset sizes over the samples added: the slope
+             of the growth law, free of the constant part
+  start-up   wall seconds from building the loader to its first batch
+  opens      openat() calls on shard (.tar) and index (.idx) files, all threads
+  maps       .tar files memory-mapped at the first batch (/proc/self/maps)
+Each number of rank 0 stands for every rank: all ranks of one stream count build the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+CAPTION = "a tiny sample number {} of the scale benchmark"
+
+
+def make_dataset(root: str, shards: int, samples: int) -> str:
+    """`shards` shards of `samples` tiny samples each, with DALI indexes, under root (once)."""
+    from PIL import Image
+
+    from ov2_megatron.data.shards import Sample, ShardWriter
+
+    folder = os.path.join(root, f"{shards}x{samples}")
+    done = os.path.join(folder, "complete")
+    if os.path.exists(done):
+        return folder
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG")
+    writer = ShardWriter(folder, samples_per_shard=samples)
+    for i in range(shards * samples):
+        writer.write(Sample(f"{i:09d}", buf.getvalue(), CAPTION.format(i % 1000)))
+    writer.close()
+    open(done, "w").close()
+    return folder
+
+
+def tokenizer_for(root: str) -> str:
+    from ov2_megatron.data.tokenizer import train_tokenizer
+
+    path = os.path.join(root, "tokenizer")
+    if os.path.exists(path + ".model"):
+        return path + ".model"
+    return train_tokenizer([CAPTION.format(i) for i in range(1000)], path, 64)
+
+
+def measure_rank(folder: str, tokenizer: str, streams: int) -> dict:
+    """Rank 0 of `streams` in this process: loader RSS, start-up seconds, mapped shards."""
+    import time
+
+    import psutil
+
+    from ov2_megatron.data.config import DataConfig
+    from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
+    from ov2_megatron.data.tokenizer import CaptionTokenizer
+
+    CaptionTokenizer.from_file(tokenizer)  # loaded before the baseline: not the loader's memory
+    process = psutil.Process()
+    config = DataConfig(train_shards=folder, tokenizer_model=tokenizer, resolution=16,
+                        num_threads=1, shuffle_buffer=64, color_jitter=0.0,
+                        grayscale_probability=0.0)
+    rss, start = process.memory_info().rss, time.perf_counter()
+    loader = ImageCaptionLoader(config, dp_rank=0, dp_size=streams, batch_size=32,
+                                device="cpu")
+    next(loader)
+    seconds = time.perf_counter() - start
+    with open("/proc/self/maps") as f:
+        maps = {line.split()[-1] for line in f if line.rstrip().endswith(".tar")}
+    return dict(rss_mib=(process.memory_info().rss - rss) / 2**20, startup_s=seconds,
+                mapped_shards=len(maps))
+
+
+def run_one(folder: str, tokenizer: str, streams: int, trace: str) -> dict:
+    """measure_rank in a fresh process under strace; adds the shard/index opens."""
+    code = ("import json, sys; from ov2_megatron.perf.loader_scale import measure_rank; "
+            f"print(json.dumps(measure_rank({folder!r}, {tokenizer!r}, {streams})))")
+    done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", trace,
+                           sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"scale measurement failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    with open(trace) as f:
+        opens = [line for line in f if re.search(r'\.(tar|idx)"', line)]
+    result["tar_opens"] = sum('.tar"' in line for line in opens)
+    result["idx_opens"] = sum('.idx"' in line for line in opens)
+    return result
+
+
+def scale_benchmark(sizes: list[tuple[int, int]], streams: list[int], root: str) -> list[dict]:
+    os.makedirs(root, exist_ok=True)
+    tokenizer = tokenizer_for(root)
+    rows = []
+    for shards, samples in sizes:
+        folder = make_dataset(root, shards, samples)
+        for n in streams:
+            row = dict(shards=shards, samples=shards * samples, streams=n,
+                       **run_one(folder, tokenizer, n, os.path.join(root, "trace.txt")))
+            rows.append(row)
+            print(format_row(row), flush=True)
+    for n in streams:
+        mine = sorted((r for r in rows if r["streams"] == n), key=lambda r: r["samples"])
+        small, large = mine[0], mine[-1]
+        if large["samples"] > small["samples"]:
+            slope = (large["rss_mib"] - small["rss_mib"]) * 2**20 / (large["samples"] -
+                                                                   small["samples"])
+            print(f"streams {n}: {slope:.0f} B per dataset sample per rank (RSS growth from "
+                  f"{small['samples']:,} to {large['samples']:,} samples)", flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['shards']:>6,} shards {row['samples']:>10,} samples  streams {row['streams']}"
+            f"  rank 0: RSS +{row['rss_mib']:.0f} MiB, start-up {row['startup_s']:.1f} s, "
+            f"opens .tar {row['tar_opens']:,} .idx {row['idx_opens']:,}, "
+            f"mapped shards {row['mapped_shards']:,}")
+
+
+__all__ = ["make_dataset", "measure_rank", "run_one", "scale_benchmark", "format_row"]
