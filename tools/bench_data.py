@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noq
 
 from ov2_megatron.data.config import DataConfig, resolve_shard_spec  # noqa: E402
 from ov2_megatron.data.dali_pipeline import ImageCaptionLoader  # noqa: E402
+from ov2_megatron.data.image_decode import to_rgb  # noqa: E402
 from ov2_megatron.data.shards import iter_shard  # noqa: E402
 from ov2_megatron.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 
@@ -114,7 +115,7 @@ class TorchBaselineDataset(IterableDataset):
 
     def transform(self, jpeg: bytes, rng: random.Random) -> torch.Tensor:
         size = self.config.resolution
-        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        image = to_rgb(Image.open(io.BytesIO(jpeg)))  # upright, as DALI decodes it
         top, left, h, w = random_resized_crop_params(*image.size, self.config.crop_scale,
                                                      self.config.crop_ratio, rng)
         image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)

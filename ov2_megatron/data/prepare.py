@@ -194,7 +194,9 @@ def _cut_entries(cuts: list[ShardCutError]) -> Iterator[RawSample]:
 
 def _shard_raw_sample(tar: str, sample: Sample, caption_key: str) -> RawSample:
     source = f"{os.path.basename(tar)}:{sample.key}"
-    caption: bytes | str | None = sample.caption.encode("utf-8") if sample.has_txt else None
+    # The stored bytes, not the lenient `sample.caption`: check_caption must see a caption
+    # that is not UTF-8 to skip it.
+    caption: bytes | str | None = sample.caption_bytes if sample.has_txt else None
     if caption_key:
         issue, found = candidates_in(sample.meta, caption_key)
         if issue != Issue.OK:

@@ -218,10 +218,12 @@ def _has_end_after_last_scan(buf: memoryview) -> bool:
 
 
 def check_caption(data: np.ndarray | bytes) -> tuple[Issue, str]:
-    """(issue, text) for an encoded caption: UTF-8 with at least one non-space character."""
+    """(issue, text) for an encoded caption: UTF-8 with at least one non-space character. A
+    leading byte-order mark (Windows editors write one) is dropped: U+FEFF is no whitespace to
+    str.split, so it would stay in the caption and reach the tokenizer."""
     raw = bytes(data)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         return Issue.CAPTION_NOT_UTF8, ""
     text = " ".join(text.split())  # newlines/tabs inside a caption become single spaces

@@ -41,6 +41,10 @@ class Sample:
     """Optional JSON sidecar (source path, synthetic attributes...)."""
     has_txt: bool = True
     """Whether the sample had a `.txt` entry (readers of foreign shards: JSON-only captions)."""
+    caption_bytes: bytes | None = field(default=None, compare=False, repr=False)
+    """The `.txt` entry as stored (None without one, and on samples built in memory).
+    `caption` decodes it leniently; prepare_shards checks these bytes, so a caption that is
+    not UTF-8 is skipped and counted rather than written with U+FFFD in it."""
 
 
 @dataclass
@@ -214,9 +218,12 @@ def _to_sample(key: str, parts: dict[str, bytes]) -> Sample:
         meta = json.loads(parts["json"]) if "json" in parts else None
     except ValueError:
         meta = None  # a broken sidecar is a missing one; the caption checks say the rest
-    caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+    # Lenient for the readers that want text whatever the bytes (tokenizer training); a leading
+    # byte-order mark is dropped, as check_caption drops it for training.
+    caption = parts.get("txt", b"").decode("utf-8", errors="replace").removeprefix("\ufeff")
     image = next((parts[ext] for ext in IMAGE_ENTRY_EXTS if ext in parts), b"")
-    return Sample(key=key, jpeg=image, caption=caption, meta=meta, has_txt="txt" in parts)
+    return Sample(key=key, jpeg=image, caption=caption, meta=meta, has_txt="txt" in parts,
+                  caption_bytes=parts.get("txt"))
 
 
 def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:

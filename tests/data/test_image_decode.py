@@ -1,14 +1,17 @@
 """Images whose PIL reading differs from what training decodes (issue #23): 16-bit PNGs
-(PIL's convert("RGB") clips them to white), palette transparency and alpha (DALI drops alpha
-and keeps the stored colours). The reference is the written pixel values and DALI's own CPU
-decoder."""
+(PIL's convert("RGB") clips them to white), EXIF orientation (DALI applies it), palette
+transparency and alpha (DALI drops alpha and keeps the stored colours). The references are
+the written pixel values and DALI's own CPU decoder."""
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from ov2_megatron.data.image_decode import to_rgb
+from ov2_megatron.data.shards import iter_shard
+from tests.data.shard_factory import write_img2dataset_shard
 from tests.data.test_shard_inputs import tool
 
 
@@ -20,26 +23,26 @@ def grey16_png() -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), np.rint(values / 257.0).astype(np.uint8)
 
 
-def test_a_16_bit_png_keeps_its_content_through_prepare_shards(tmp_path):
-    from ov2_megatron.data.resize_shards import ResizeSettings, resize_image
-    from ov2_megatron.data.shards import iter_shard
-
+def test_a_16_bit_png_keeps_its_content_through_prepare_shards(tmp_path, capsys):
+    """Both modes of the CLI, from an img2dataset shard holding the PNG. Before: PIL clipped
+    every value above 255, so both wrote a solid white JPEG."""
     png, want = grey16_png()
     assert Image.open(io.BytesIO(png)).mode.startswith("I")  # PIL reads it as 16-bit grey
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    (inputs / "grey.png").write_bytes(png)
-    (inputs / "grey.txt").write_text("a grey gradient")
-    assert tool("prepare_shards")(["--input", str(inputs), "--output",
-                                   str(tmp_path / "out")]) == 0  # the command line
+    shard = write_img2dataset_shard(str(tmp_path / "00000.tar"),
+                                    [("grey", {"png": png, "txt": b"a grey gradient"})])
+    main = tool("prepare_shards")
+    assert main(["--input", shard, "--output", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert main(["--resize", "16", "--input", shard, "--output", str(tmp_path / "small"),
+                 "--workers", "1"]) == 0
+    assert "written: 1 skipped: 0" in capsys.readouterr().out
     sample = next(iter_shard(str(tmp_path / "out" / "shard-000000.tar")))
     got = np.asarray(Image.open(io.BytesIO(sample.jpeg)).convert("L"), dtype=np.int16)
     assert np.abs(got - want).max() <= 4  # JPEG error; before: 255 everywhere
-    resized, _, _ = resize_image(png, ResizeSettings(short_side=16))  # --resize: halves it
+    resized = next(iter_shard(str(tmp_path / "small" / "00000.tar"))).jpeg  # 32 x 16 now
     small = np.asarray(Image.open(io.BytesIO(resized)).convert("L"), dtype=np.int16)
     expected = np.asarray(Image.fromarray(want).resize(small.shape[::-1], Image.LANCZOS),
                           dtype=np.int16)
-    assert np.abs(small - expected).max() <= 6
+    assert small.shape == (16, 32) and np.abs(small - expected).max() <= 6
 
 
 def dali_cpu_decode(data: bytes) -> np.ndarray:
@@ -56,17 +59,44 @@ def dali_cpu_decode(data: bytes) -> np.ndarray:
     return np.array(pipe.run()[0].at(0))
 
 
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
 def test_palette_transparency_and_alpha_decode_as_dali_does():
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 255, (24, 32, 4), dtype=np.uint8))  # RGBA
+    grey_alpha = rgba.convert("LA")
     palette = rgba.convert("RGB").quantize(16)
     palette.info["transparency"] = 3  # one palette entry transparent
+    per_entry = bytes(range(0, 256, 16))  # tRNS with an alpha for each entry
     grey16, _ = grey16_png()
-    for image in (rgba, palette):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-        ours = np.asarray(to_rgb(Image.open(io.BytesIO(data))), dtype=np.int16)
-        assert np.abs(ours - dali_cpu_decode(data)).max() <= 1, image.mode
-    ours = np.asarray(to_rgb(Image.open(io.BytesIO(grey16))), dtype=np.int16)
-    assert np.abs(ours - dali_cpu_decode(grey16)).max() <= 1
+    cases = {"RGBA": encoded(rgba), "LA": encoded(grey_alpha), "P": encoded(palette),
+             "P, alpha per entry": encoded(palette, transparency=per_entry), "I;16": grey16}
+    for name, data in cases.items():
+        with warnings.catch_warnings():
+            # Before: convert("RGB") warned "Palette images with Transparency expressed in
+            # bytes should be converted to RGBA" on every such image.
+            warnings.simplefilter("error")
+            ours = np.asarray(to_rgb(Image.open(io.BytesIO(data))), dtype=np.int16)
+        assert np.abs(ours - dali_cpu_decode(data)).max() <= 1, name
+
+
+def test_exif_orientation_is_applied_as_dali_does():
+    """A JPEG and a PNG stored sideways with EXIF orientation 6 and 8: DALI turns them
+    upright; before, PIL returned the stored pixels. JPEG at quality 100 without chroma
+    subsampling: PIL and DALI's CPU decoder are both libjpeg-turbo."""
+    rng = np.random.default_rng(1)
+    stored = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))  # w 48, h 32
+    for orientation in (6, 8):
+        tag = Image.Exif()
+        tag[0x0112] = orientation
+        for data in (encoded(stored, exif=tag.tobytes()),
+                     encoded(stored, "JPEG", quality=100, subsampling=0, exif=tag.tobytes())):
+            reference = dali_cpu_decode(data)
+            assert reference.shape == (48, 32, 3)  # DALI: upright
+            ours = np.asarray(to_rgb(Image.open(io.BytesIO(data))), dtype=np.int16)
+            assert ours.shape == reference.shape, orientation
+            assert np.abs(ours - reference).max() <= 1, orientation

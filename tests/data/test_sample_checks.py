@@ -66,6 +66,8 @@ def test_captions():
     assert check_caption(b" \n\t ")[0] == Issue.NO_CAPTION
     assert check_caption("café".encode("latin-1"))[0] == Issue.CAPTION_NOT_UTF8
     assert check_caption(np.frombuffer(b"ok", dtype=np.uint8)) == (Issue.OK, "ok")
+    assert check_caption(b"\xef\xbb\xbfa cat") == (Issue.OK, "a cat")  # UTF-8 BOM dropped
+    assert check_caption(b"\xef\xbb\xbf \n")[0] == Issue.NO_CAPTION
 
 
 def test_inspect_image_keeps_good_jpegs_and_converts_the_rest():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tarfile
 
 import pytest
 
@@ -98,3 +99,31 @@ def test_train_tokenizer_on_json_caption_shards(json_shards, tmp_path, capsys):
                  "--caption-key", "meta.caption"]) == 2
     line, _ = last_error_line(capsys)
     assert "no field 'meta.caption'" in line
+
+
+def test_a_latin_1_caption_is_skipped_and_a_bom_dropped(tmp_path, capsys):
+    """Shard input and folder input alike: a caption that is not UTF-8 is listed in the skip
+    report as caption_not_utf8 (before, from a shard, it was written with U+FFFD in it); a
+    UTF-8 caption with a byte-order mark is written without the mark (before: kept)."""
+    captions = {"latin": "café crème".encode("latin-1"), "bom": "\ufeffa plain caption".encode(),
+                "plain": b"another caption"}
+    shard = write_img2dataset_shard(str(tmp_path / "00000.tar"), [
+        (key, {"jpg": image_bytes(i, "JPEG"), "txt": text})
+        for i, (key, text) in enumerate(captions.items())])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, (key, text) in enumerate(captions.items()):
+        (folder / f"{key}.jpg").write_bytes(image_bytes(i, "JPEG"))
+        (folder / f"{key}.txt").write_bytes(text)
+    main = tool("prepare_shards")
+    for name, source in (("shard", shard), ("folder", str(folder))):
+        out = tmp_path / f"out-{name}"
+        assert main(["--input", source, "--output", str(out), "--workers", "1"]) == 0
+        assert "skipped caption_not_utf8: 1" in capsys.readouterr().out, name
+        with open(out / "skipped.tsv", encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split("\t") for line in f][1:]
+        assert [reason for _, reason in rows] == ["caption_not_utf8"], name
+        assert "latin" in rows[0][0], name
+        with tarfile.open(out / "shard-000000.tar") as tar:  # the stored bytes, not a reader's
+            written = sorted(tar.extractfile(m).read() for m in tar if m.name.endswith(".txt"))
+        assert written == [b"a plain caption", b"another caption"], name
