@@ -195,9 +195,9 @@ def iter_shards_checked(paths: list[str], caption_key: str | None = "",
                         ) -> Iterator[tuple[str, Sample]]:
     """(shard path, sample) over `paths` in order. The first sample's caption is checked
     against `caption_key` (None: readers that need no caption): a wrong option is one clear
-    ValueError naming the shard and the fix, not a skip report of every sample. A cut or unreadable shard is webdataset's
-    `warn_and_continue`: its complete samples are read, `on_cut(error)` is told, and the
-    next shard follows."""
+    ValueError naming the shard and the fix, not a skip report of every sample. A cut shard
+    is webdataset's `warn_and_continue`: its complete samples are read, `on_cut(error)` is
+    told, and the next shard follows."""
     checked = caption_key is None
     for path in paths:
         try:
