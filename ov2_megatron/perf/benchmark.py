@@ -97,13 +97,17 @@ class SyntheticStream:
 def _loader_stream(run, geom, micro_batches, dp_rank, dp_size, device):
     from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
     from ov2_megatron.training.loop import prepare_data
+    from ov2_megatron.training.replica_input import ReplicaInput, reads_data
     from ov2_megatron.training.step import BatchStream
 
     prepare_data(run)
+    # As training reads: one loader per replica, its tensors shared (replica_input.py).
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
-                                batch_size=run.train.micro_batch)
+                                batch_size=run.train.micro_batch) if reads_data() else None
+    shared = ReplicaInput((3, run.data.resolution, run.data.resolution),
+                          run.data.caption_length, device)
     return BatchStream(loader, geom, run.train.seed, run.train.micro_batch, micro_batches,
-                       dp_rank, device)
+                       dp_rank, device, shared)
 
 
 def shallow_twin(run):

@@ -36,7 +36,8 @@ from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
 from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
 from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
-                                   process_lifetime, run_checks, run_lock, stage_transfer)
+                                   process_lifetime, replica_input, run_checks, run_lock,
+                                   stage_transfer)
 from ov2_megatron.training.metrics import DataWaitMonitor, MetricsLogger, data_wait_fraction
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import (RunConfig, lr_rule, overlap_settings, total_steps,
@@ -195,15 +196,18 @@ def _train(run: RunConfig) -> dict:
         data_states = None
         if rank0:
             print("train.resume_data_stream=false: the data stream starts fresh", flush=True)
+    reader = replica_input.reads_data()  # one loader per replica, not per rank
     loader = ReplicaStream(run.data, replica=dp_rank, replicas=dp_size,
                            micro_batch=t.micro_batch, global_batch=t.global_batch,
-                           saved=data_states)  # 6
+                           saved=data_states) if reader else replica_input.NotReading()  # 6
     if rank0:
         print(f"data: {loader.decoding}", flush=True)
         if not loader.passthrough:
             print(loader.describe(), flush=True)
-    stream = BatchStream(loader, geom, t.seed, t.micro_batch, micro_batches, dp_rank,
-                         local_device())
+    image_shape = (3, run.data.resolution, run.data.resolution)  # DALI decodes to RGB
+    shared = replica_input.ReplicaInput(image_shape, run.data.caption_length, local_device())
+    stream = BatchStream(loader if reader else None, geom, t.seed, t.micro_batch,
+                         micro_batches, dp_rank, local_device(), shared)
     data_wait_monitor = DataWaitMonitor(t.data_wait_window, t.data_wait_warn_fraction)
     steps = total_steps(t)
     logger = MetricsLogger(run_dir, steps, enabled=rank0, data_wait=data_wait_monitor,

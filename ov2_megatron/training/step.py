@@ -23,7 +23,7 @@ from ov2_megatron.models.token_drop import keep_indices
 
 @dataclass
 class MicroBatch:
-    images: torch.Tensor  # [b, 3, R, R]
+    images: torch.Tensor | None  # [b, 3, R, R]; None on stages after the first
     tokens: torch.Tensor  # [b, L]
     keep_idx: torch.Tensor  # [b, k]
 
@@ -32,34 +32,42 @@ class BatchStream:
     """Micro-batches of one replica, each with its token-drop indices.
 
     An example's indices come from its position in the global sample stream, so every
-    TP/PP rank of a replica derives the same ones and a resumed run repeats them."""
+    TP/PP rank of a replica derives the same ones and a resumed run repeats them. With a
+    `shared` ReplicaInput only the replica's reader has a loader (replica_input.py); the
+    other ranks pass None and receive the tensors their stage reads."""
 
     def __init__(self, loader, geom, seed: int, micro_batch: int, micro_batches: int,
-                 dp_rank: int, device: torch.device):
+                 dp_rank: int, device: torch.device, shared=None):
         self.loader, self.geom, self.seed = loader, geom, seed
         self.micro_batch, self.micro_batches = micro_batch, micro_batches
-        self.dp_rank, self.device = dp_rank, device
-        self._iter = iter(loader)
+        self.dp_rank, self.device, self.shared = dp_rank, device, shared
+        self._iter = iter(loader) if loader is not None else None
 
     def step_batches(self, step: int) -> tuple[list[MicroBatch], float]:
         """The micro-batches of optimizer step `step` (0-based) and the seconds spent waiting."""
         start = time.perf_counter()
-        local = self.micro_batch * self.micro_batches
-        global_batch = local * parallel_state.get_data_parallel_world_size()
-        base = step * global_batch + self.dp_rank * local
-        batches, failure = [], ""
-        try:
-            for i in range(self.micro_batches):
-                item = next(self._iter)
-                index = torch.arange(base + i * self.micro_batch,
-                                     base + (i + 1) * self.micro_batch)
-                keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
-                batches.append(MicroBatch(item["images"].to(self.device, non_blocking=True),
-                                          item["tokens"].to(self.device, non_blocking=True),
-                                          keep.to(self.device, non_blocking=True)))
-        except BadDataError as error:
-            failure = str(error)
+        rows = self.micro_batch * self.micro_batches
+        base = (step * parallel_state.get_data_parallel_world_size() + self.dp_rank) * rows
+        images, tokens, failure = None, None, ""
+        if self._iter is not None:
+            try:
+                items = [next(self._iter) for _ in range(self.micro_batches)]
+                images = torch.cat([item["images"] for item in items])  # [M*b, 3, R, R]
+                tokens = torch.cat([item["tokens"] for item in items])  # [M*b, L]
+                images = images.to(self.device, non_blocking=True)
+                tokens = tokens.to(self.device, non_blocking=True)
+            except BadDataError as error:
+                failure = str(error)
         stop_together_on_bad_data(failure, self.device)
+        if self.shared is not None:
+            images, tokens = self.shared.share(images, tokens, rows)
+        batches = []
+        for i in range(self.micro_batches):
+            index = torch.arange(base + i * self.micro_batch, base + (i + 1) * self.micro_batch)
+            keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
+            rows_i = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            batches.append(MicroBatch(None if images is None else images[rows_i],
+                                      tokens[rows_i], keep.to(self.device, non_blocking=True)))
         return batches, time.perf_counter() - start
 
 

@@ -1,0 +1,66 @@
+"""One image pipeline per replica (#24 item 2): only TP rank 0 of pipeline stage 0 builds a
+data loader; its TP peers get the images by broadcast, every stage the tokens. Through the
+real training loop and DALI loader on CPU, TP=2, PP=2 and TP=2 x PP=2 train with the losses
+of the single-rank run (the batches are the same samples, so only the layouts' reduction
+order differs), and the loaders built are counted per rank."""
+
+import json
+import os
+
+import pytest
+
+from tests.harness import run_distributed
+from tests.training.test_resume import STEPS, tiny
+
+
+def train_counting_loaders(output_dir: str, extra: list[str]) -> dict:
+    from megatron.core import parallel_state
+
+    from ov2_megatron.data import dali_pipeline
+    from ov2_megatron.training import loop
+
+    built = []
+    original = dali_pipeline.ImageCaptionLoader.__init__
+
+    def counting(self, *args, **kwargs):
+        if kwargs.get("training", True):
+            built.append(1)
+        original(self, *args, **kwargs)
+
+    dali_pipeline.ImageCaptionLoader.__init__ = counting
+    loop.train(tiny(output_dir, extra))
+    return dict(tp=parallel_state.get_tensor_model_parallel_rank(),
+                pp=parallel_state.get_pipeline_model_parallel_rank(), loaders=len(built))
+
+
+def losses(output_dir: str) -> list[float]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dataset_cache(tmp_path_factory):
+    os.environ["OV2_CACHE"] = str(tmp_path_factory.mktemp("ov2cache"))
+    yield
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> list[float]:
+    out = str(tmp_path_factory.mktemp("single"))
+    run_distributed(train_counting_loaders, 1, args=(out, []), timeout=300)
+    return losses(out)
+
+
+@pytest.mark.parametrize("world,layout", [
+    (2, ["parallel.tensor=2"]),
+    (2, ["parallel.pipeline=2"]),
+    (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+])
+def test_only_the_replicas_first_rank_reads_and_losses_are_the_single_ranks(
+        single, tmp_path, world, layout):
+    ranks = run_distributed(train_counting_loaders, world, args=(str(tmp_path), layout),
+                            timeout=300)
+    assert [(r["tp"], r["pp"], r["loaders"]) for r in ranks if r["loaders"]] == [(0, 0, 1)]
+    got = losses(str(tmp_path))
+    assert len(got) == len(single) == STEPS
+    assert got == pytest.approx(single, rel=2e-5, abs=0), (got, single)
