@@ -136,8 +136,9 @@ class InputSupply:
 @dataclass
 class InputDemand:
     per_node: float
-    """Images/s one node must decode and augment to keep up with the step time."""
+    """Images/s the busiest node must decode and augment to keep up with the step time."""
     per_gpu: float
+    """Images/s per decoding rank (replica reader) on that node."""
     cores: float
     """CPU cores per node that takes at InputSupply.decode_rate_per_core."""
     bound: bool
@@ -147,13 +148,21 @@ class InputDemand:
 
 
 def input_demand(p: LayoutPlan, gpus_per_node: int, supply: InputSupply) -> InputDemand:
+    """The busiest node's input. One rank per replica decodes (TP rank 0 of pipeline stage 0:
+    training/replica_input.py), and megatron orders ranks with the pipeline stage outermost,
+    so stage 0 fills the first world/PP ranks: a node there holds gpus_on_node / TP readers,
+    each decoding its replica's global batch / DP. Without pipelining that is the global batch
+    spread over the nodes; with PP stages on separate nodes, PP times that on stage-0 nodes
+    (their CPU cores, or GPU decoders, do all the decoding; the other nodes none)."""
     gpus_on_node = min(p.gpus, gpus_per_node)
-    per_node = p.images_per_s * gpus_on_node / p.gpus  # = global batch / step / nodes
+    stage0_on_node = min(gpus_on_node, p.gpus // p.parallel.pipeline)
+    readers = max(1, stage0_on_node // p.parallel.tensor)
+    per_node = p.images_per_s / p.data_parallel * readers
     if supply.gpu_decode_rate:
-        supplied = supply.gpu_decode_rate * gpus_on_node
+        supplied = supply.gpu_decode_rate * readers
     else:
         supplied = supply.free_cores(gpus_on_node) * supply.decode_rate_per_core
-    return InputDemand(per_node, per_node / gpus_on_node, per_node / supply.decode_rate_per_core,
+    return InputDemand(per_node, per_node / readers, per_node / supply.decode_rate_per_core,
                        per_node > supplied, supplied)
 
 

@@ -111,3 +111,17 @@ def test_ranked_table_carries_the_input_columns(capsys):
     summary = next(line for line in lines if line.startswith("input of layout 1"))
     # 24 x 950 = 22,800 img/s covers the 18,565 ViT-L/14 stage 1 needs on one node.
     assert "supply 22,800 img/s: ok" in summary
+
+
+def test_pipeline_stages_put_the_decoding_on_stage_0_nodes():
+    """One rank per replica decodes (TP rank 0 of stage 0) and stage 0 holds the first
+    world/PP ranks: with TP=2 x PP=2 on 4 nodes, the two stage-0 nodes hold 4 readers each
+    and decode the whole global batch between them, twice the per-node average."""
+    gpu = accelerator("h100")
+    plans = planner.plan(planner.model_for("L/14", 224), 16_384, 32, gpu)
+    layout = planner.best_with_layout(plans, ParallelConfig(tensor=2, pipeline=2))
+    need = planner.input_demand(layout, 8, planner.InputSupply())
+    average = layout.images_per_s / 4  # global img/s over 4 nodes
+    assert need.per_node == pytest.approx(2 * average)
+    assert need.per_gpu == pytest.approx(layout.images_per_s / layout.data_parallel)
+    assert need.per_node == pytest.approx(4 * need.per_gpu)  # 8 GPUs / TP 2 = 4 readers
