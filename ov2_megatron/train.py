@@ -168,7 +168,11 @@ def _dry_run_data(run, world_size: int) -> list[str]:
                         "(tools/prepare_shards.py, then --set data.train_shards=...)"]
     dp_size = ParallelLayout(run.parallel.tensor, run.parallel.pipeline).data_parallel_size(
         world_size)
-    return notes + data_sources.check_data(run, dp_size) + data_sources.probe(run)
+    from ov2_megatron.parallel.initialize import local_world_size
+
+    gpus_per_node = min(local_world_size(world_size), 8)  # a plan: 8-GPU nodes by default
+    return (notes + data_sources.check_data(run, dp_size) + data_sources.probe(run)
+            + data_sources.loader_memory_check(run, world_size, gpus_per_node, refuse=False))
 
 
 def _device_capability():

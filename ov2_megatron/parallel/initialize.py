@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,14 @@ def _rank_from_environment() -> tuple[int, int, int]:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, Slurm's SLURM_NTASKS_PER_NODE ("8" or
+    "8(x2)"), else the whole world (one node)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    digits = re.match(r"\d+", value)
+    return int(digits.group()) if digits else world_size
 
 
 def free_port() -> int:

@@ -103,6 +103,42 @@ def probe(run: RunConfig) -> list[str]:
             for line in probe_shards(resolve_shard_spec(spec), data).lines(what)]
 
 
+def loader_memory_check(run: RunConfig, world: int, gpus_per_node: int,
+                        refuse: bool) -> list[str]:
+    """The loader's host memory per reading rank and per node (data/loader_memory.py), from the
+    training set's sample count in its index headers (skipped, saying so, while any index is
+    missing: counting would scan every tar). `refuse`: a node that cannot hold it is a
+    ValueError naming the fix, before any compute (a run); else one line (a plan)."""
+    import psutil
+    import torch
+
+    from ov2_megatron.data.loader_memory import loader_memory
+
+    data, p = run.data, run.parallel
+    shards = resolve_shard_spec(data.train_shards)
+    indexes = [index_path_for(shard) for shard in shards]
+    if not all(os.path.isfile(index) for index in indexes):
+        return ["loader memory: not estimated until every training shard has its index file "
+                "(the first run makes them)"]
+    samples = sum(_index_samples(index) for index in indexes)
+    need = loader_memory(samples, data.shuffle_buffer, data.prefetch, run.train.micro_batch,
+                         data.resolution, torch.cuda.is_available())
+    readers = max(1, min(gpus_per_node, world // p.pipeline) // p.tensor)  # replica_input.py
+    node, host = need.total * readers, psutil.virtual_memory().total
+    line = (f"loader memory per reading rank: {need.describe(samples, data.shuffle_buffer)}; "
+            f"per node ({readers} reading rank(s) of {gpus_per_node}): {node / 2**30:.1f} GiB, "
+            f"this machine has {host / 2**30:.0f} GiB")
+    if node > 0.9 * host:
+        fix = (f"the data loaders would need {node / 2**30:.1f} GiB of this node's "
+               f"{host / 2**30:.0f} GiB: lower data.shuffle_buffer ({data.shuffle_buffer:,}), "
+               "train on a subset of the shards, or use nodes with more memory (every reading "
+               "rank indexes the whole set today: docs/benchmarks/2026-12-08-loader-scale.md)")
+        if refuse:
+            raise ValueError(fix)
+        line += f"; WARNING: {fix}"
+    return [line]
+
+
 def _index_note(what: str, shards: list[str]) -> str:
     missing = [s for s in shards if not os.path.isfile(index_path_for(s))]
     for shard in shards:

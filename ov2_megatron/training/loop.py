@@ -34,7 +34,8 @@ from ov2_megatron.data.replica_stream import ReplicaStream, stream_states
 from ov2_megatron.models import specs
 from ov2_megatron.models.flops import device_peak_flops, model_flops_per_sample
 from ov2_megatron.models.openvision2 import build_chunks
-from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
+from ov2_megatron.parallel.initialize import (ParallelLayout, initialize, local_device,
+                                            local_world_size)
 from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
                                    process_lifetime, replica_input, run_checks, run_lock,
                                    stage_transfer)
@@ -78,6 +79,10 @@ def setup(run: RunConfig):
     dp_size = layout.data_parallel_size(world)
     if not run.synthetic:  # the files exist already: fail before any process group
         notes += data_sources.check_data(run, dp_size)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:
+            # One rank per node reads the index headers; a refusal there ends the job.
+            notes += data_sources.loader_memory_check(run, world, local_world_size(world),
+                                                      refuse=True)
     impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
     initialize(layout, seed=run.train.seed)  # 2
     if not torch.cuda.is_available():

@@ -3,6 +3,8 @@ layout for a planned world size, the shards, the tokenizer and the vocabulary; p
 --set spellings (crop ranges) and the warm-up rule it prints."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -220,3 +222,36 @@ def test_dry_run_reads_each_shards_first_samples_and_names_what_training_skips(
         ("j0", {"jpg": image_bytes(0, "JPEG"), "json": b'{"caption": "x"}'})])
     assert main([*args, "--set", f"data.train_shards={root}/json.tar"]) == 2
     assert "has no .txt caption; its .json has fields ['caption']" in capsys.readouterr().err
+
+
+def test_dry_run_states_the_loaders_host_memory_and_a_run_that_cannot_hold_it_is_refused(
+        shards, tmp_path, capsys):
+    """data/loader_memory.py's measured constants applied to the training set's real sample
+    count: 360 B per indexed sample, 10.8 KB per shuffle-buffer sample. A shuffle buffer of
+    10M samples (~100 GiB) does not fit this machine: the dry-run warns, the run refuses
+    before any process group, naming data.shuffle_buffer."""
+    from ov2_megatron.data.shard_index import samples_in_index
+
+    samples = sum(samples_in_index(os.path.join(shards.train_dir, name))
+                  for name in os.listdir(shards.train_dir) if name.endswith(".idx"))
+    own = ["--set", f"data.train_shards={shards.train_dir}",
+           "--set", f"data.val_shards={shards.val_dir}",
+           "--set", f"data.tokenizer_model={shards.tokenizer_model}"]
+    assert main(["--recipe", "tiny_cpu", "--dry-run", "--world-size", "2", *own]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("loader memory per reading rank"))
+    index_gib = samples * 360 / 2**30
+    assert f"{samples:,} samples indexed x 360 B = {index_gib:.1f} GiB" in line
+    assert "shuffle buffer 512 x 10.8 KB" in line and "per node (2 reading rank(s) of 2)" in line
+    huge = [*own, "--set", "data.shuffle_buffer=10000000", "--set",
+            f"train.output_dir={tmp_path / 'run'}"]
+    assert main(["--recipe", "tiny_cpu", "--dry-run", *huge]) == 0
+    assert "WARNING: the data loaders would need" in capsys.readouterr().out
+    # The run in its own process: a run installs stop-signal handlers.
+    done = subprocess.run([sys.executable, "-m", "ov2_megatron.train", "--recipe", "tiny_cpu",
+                           *huge], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if "WORLD" not in k})
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = done.stderr
+    assert "the data loaders would need" in err and "lower data.shuffle_buffer (10,000,000)" in err
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written

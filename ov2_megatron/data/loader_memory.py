@@ -1,0 +1,56 @@
+"""Host memory of one reading rank's data loader, from measured constants (#24 item 4).
+
+    bytes ~ base + INDEX x samples indexed + BUFFERED x data.shuffle_buffer
+                 + (data.prefetch + 2) x batch x R^2 x 3 x 5        (CPU decoding)
+
+Measured on CPU with DALI 2.4 (tools/bench_data.py --scale; docs/benchmarks/
+2026-12-08-loader-scale.md):
+  INDEX     360 B per sample in the shard list DALI is given: its sample table, parsed from
+            every index file (362 B at 1 stream, 359 B at 8: every rank indexes the whole
+            set today, whatever its share);
+  BUFFERED  10.8 KB per sample held in the reader's shuffle buffer, the same for 6 KB and
+            17 KB stored samples (the encoded bytes stay in the memory-mapped shard; what
+            grows is DALI's per-sample bookkeeping): 8,192 vs 64 samples, +84 MiB;
+  base      ~100 MiB: the pipeline, its threads and small batches.
+The decode buffers (uint8 decode and float32 output, prefetched batches plus the one in use)
+are counted from their shapes; on GPU decoding they live in GPU memory instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INDEX_BYTES_PER_SAMPLE = 360
+BUFFER_BYTES_PER_SAMPLE = 10_800
+BASE_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class LoaderMemory:
+    index: int
+    buffer: int
+    decode: int
+    base: int = BASE_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.index + self.buffer + self.decode + self.base
+
+    def describe(self, samples: int, shuffle_buffer: int) -> str:
+        return (f"{self.total / 2**30:.1f} GiB ({samples:,} samples indexed x "
+                f"{INDEX_BYTES_PER_SAMPLE} B = {self.index / 2**30:.1f} GiB, shuffle buffer "
+                f"{shuffle_buffer:,} x {BUFFER_BYTES_PER_SAMPLE / 1000:.1f} KB = "
+                f"{self.buffer / 2**30:.1f} GiB, decode buffers "
+                f"{self.decode / 2**30:.2f} GiB, base {self.base / 2**30:.1f} GiB)")
+
+
+def loader_memory(samples_indexed: int, shuffle_buffer: int, prefetch: int, batch: int,
+                  resolution: int, gpu_decoding: bool) -> LoaderMemory:
+    """Host bytes of one reading rank's loader (see the module docstring)."""
+    decode = 0 if gpu_decoding else (prefetch + 2) * batch * resolution ** 2 * 3 * 5
+    return LoaderMemory(index=INDEX_BYTES_PER_SAMPLE * samples_indexed,
+                        buffer=BUFFER_BYTES_PER_SAMPLE * shuffle_buffer, decode=decode)
+
+
+__all__ = ["LoaderMemory", "loader_memory", "INDEX_BYTES_PER_SAMPLE",
+           "BUFFER_BYTES_PER_SAMPLE", "BASE_BYTES"]
