@@ -33,7 +33,8 @@ the decode tables of docs/benchmarks/ (e.g. original size vs a stage-1 copy).
     python tools/bench_data.py --scale 200x500,800x500 [--streams 1,8] [--scale-dir DIR]
 
 measures one rank's loader memory, start-up and shard-file opens against the dataset's size,
-for 1 and 8 data streams (perf/loader_scale.py; docs/benchmarks/ has the table).
+for 1 and 8 data streams (perf/loader_scale.py; docs/benchmarks/ has the table);
+`--shuffle-buffers 64,8192` measures the memory per shuffle-buffer sample instead.
 
     python tools/bench_data.py --startup 2000,20000 [--startup-dir DIR]
 
@@ -269,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of SHARDSxSAMPLES: measure one rank's loader memory, "
                         "start-up and file opens against dataset size (perf/loader_scale.py)")
     parser.add_argument("--streams", default="1,8", help="--scale: data streams (DP ranks)")
+    parser.add_argument("--shuffle-buffers", default="",
+                        help="comma list: measure RSS per shuffle-buffer sample instead, on noise "
+                        "images of --noise-sides px (perf/loader_scale.py)")
+    parser.add_argument("--noise-sides", default="64,128")
     parser.add_argument("--scale-dir", default=os.path.join(tempfile.gettempdir(),
                                                              "ov2-scale-bench"))
     parser.add_argument("--resolution", type=int, default=224)
@@ -294,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_photos:
         width, height = (int(v) for v in args.photo_size.lower().split("x"))
         make_photo_shards(args.make_photos, args.count, width, height, args.quality)
+        return 0
+    if args.shuffle_buffers:
+        from ov2_megatron.perf.loader_scale import buffer_benchmark
+
+        buffer_benchmark([int(b) for b in args.shuffle_buffers.split(",")],
+                         [int(n) for n in args.noise_sides.split(",")], args.scale_dir)
         return 0
     if args.scale:
         from ov2_megatron.perf.loader_scale import scale_benchmark

@@ -3,14 +3,15 @@
     bytes ~ base + INDEX x samples indexed + BUFFERED x data.shuffle_buffer
                  + (data.prefetch + 2) x batch x R^2 x 3 x 5        (CPU decoding)
 
-Measured on CPU with DALI 2.4 (tools/bench_data.py --scale; docs/benchmarks/
-2026-12-08-loader-scale.md):
+Measured on CPU with DALI 2.4 (tools/bench_data.py --scale and --shuffle-buffers;
+docs/benchmarks/2026-12-08-loader-scale.md), resident anonymous memory, which the kernel
+cannot drop:
   INDEX     360 B per sample in the shard list DALI is given: its sample table, parsed from
-            every index file (362 B at 1 stream, 359 B at 8: every rank indexes the whole
+            every index file (the same at 1 and at 8 streams: every rank indexes the whole
             set today, whatever its share);
-  BUFFERED  10.8 KB per sample held in the reader's shuffle buffer, the same for 6 KB and
-            17 KB stored samples (the encoded bytes stay in the memory-mapped shard; what
-            grows is DALI's per-sample bookkeeping): 8,192 vs 64 samples, +84 MiB;
+  BUFFERED  10 KB per sample held in the reader's shuffle buffer, the same for 6 KB and 17 KB
+            stored samples: the encoded bytes stay in the memory-mapped shard, as page cache
+            the kernel can drop under pressure (~1.2x the stored size more of RSS);
   base      ~100 MiB: the pipeline, its threads and small batches.
 The decode buffers (uint8 decode and float32 output, prefetched batches plus the one in use)
 are counted from their shapes; on GPU decoding they live in GPU memory instead.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INDEX_BYTES_PER_SAMPLE = 360
-BUFFER_BYTES_PER_SAMPLE = 10_800
+BUFFER_BYTES_PER_SAMPLE = 10_000
 BASE_BYTES = 100 * 2**20
 
 

@@ -28,20 +28,27 @@ import sys
 CAPTION = "a tiny sample number {} of the scale benchmark"
 
 
-def make_dataset(root: str, shards: int, samples: int) -> str:
-    """`shards` shards of `samples` tiny samples each, with DALI indexes, under root (once)."""
+def make_dataset(root: str, shards: int, samples: int, noise_side: int = 0) -> str:
+    """`shards` shards of `samples` samples each, with DALI indexes, under root (once): a flat
+    16 x 16 JPEG (tiny), or with `noise_side` a random-noise JPEG of that side (noise does not
+    compress: ~6 KB stored at 64 px, ~17 KB at 128 px)."""
+    import numpy as np
     from PIL import Image
 
     from ov2_megatron.data.shards import Sample, ShardWriter
 
-    folder = os.path.join(root, f"{shards}x{samples}")
+    folder = os.path.join(root, f"{shards}x{samples}" + (f"-noise{noise_side}" if noise_side
+                                                           else ""))
     done = os.path.join(folder, "complete")
     if os.path.exists(done):
         return folder
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG")
+    rng = np.random.default_rng(0)
     writer = ShardWriter(folder, samples_per_shard=samples)
     for i in range(shards * samples):
+        image = Image.fromarray(rng.integers(0, 255, (noise_side, noise_side, 3), np.uint8)) \
+            if noise_side else Image.new("RGB", (16, 16), (90, 120, 150))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
         writer.write(Sample(f"{i:09d}", buf.getvalue(), CAPTION.format(i % 1000)))
     writer.close()
     open(done, "w").close()
@@ -57,7 +64,7 @@ def tokenizer_for(root: str) -> str:
     return train_tokenizer([CAPTION.format(i) for i in range(1000)], path, 64)
 
 
-def measure_rank(folder: str, tokenizer: str, streams: int) -> dict:
+def measure_rank(folder: str, tokenizer: str, streams: int, shuffle_buffer: int = 64) -> dict:
     """Rank 0 of `streams` in this process: loader RSS, start-up seconds, mapped shards."""
     import time
 
@@ -70,23 +77,32 @@ def measure_rank(folder: str, tokenizer: str, streams: int) -> dict:
     CaptionTokenizer.from_file(tokenizer)  # loaded before the baseline: not the loader's memory
     process = psutil.Process()
     config = DataConfig(train_shards=folder, tokenizer_model=tokenizer, resolution=16,
-                        num_threads=1, shuffle_buffer=64, color_jitter=0.0,
+                        num_threads=1, shuffle_buffer=shuffle_buffer, color_jitter=0.0,
                         grayscale_probability=0.0)
-    rss, start = process.memory_info().rss, time.perf_counter()
+    rss, anon, start = process.memory_info().rss, _rss_anon(), time.perf_counter()
     loader = ImageCaptionLoader(config, dp_rank=0, dp_size=streams, batch_size=32,
                                 device="cpu")
-    next(loader)
+    for _ in range(1 + shuffle_buffer // 32):  # until the buffer has filled
+        next(loader)
     seconds = time.perf_counter() - start
     with open("/proc/self/maps") as f:
         maps = {line.split()[-1] for line in f if line.rstrip().endswith(".tar")}
-    return dict(rss_mib=(process.memory_info().rss - rss) / 2**20, startup_s=seconds,
-                mapped_shards=len(maps))
+    return dict(rss_mib=(process.memory_info().rss - rss) / 2**20,
+                anon_mib=(_rss_anon() - anon) / 2**20, startup_s=seconds, mapped_shards=len(maps))
 
 
-def run_one(folder: str, tokenizer: str, streams: int, trace: str) -> dict:
+def _rss_anon() -> int:
+    """Resident anonymous memory (heap, not file pages): what the kernel cannot drop."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def run_one(folder: str, tokenizer: str, streams: int, trace: str,
+            shuffle_buffer: int = 64) -> dict:
     """measure_rank in a fresh process under strace; adds the shard/index opens."""
     code = ("import json, sys; from ov2_megatron.perf.loader_scale import measure_rank; "
-            f"print(json.dumps(measure_rank({folder!r}, {tokenizer!r}, {streams})))")
+            f"print(json.dumps(measure_rank({folder!r}, {tokenizer!r}, {streams}, "
+            f"{shuffle_buffer})))")
     done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", trace,
                            sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
@@ -122,11 +138,33 @@ def scale_benchmark(sizes: list[tuple[int, int]], streams: list[int], root: str)
     return rows
 
 
+def buffer_benchmark(buffers: list[int], noise_sides: list[int], root: str) -> None:
+    """RSS per shuffle-buffer sample: rank 0 of 1 stream at each buffer size, on 20 shards of
+    500 noise images per side; the slope between the smallest and largest buffer."""
+    tokenizer = tokenizer_for(root)
+    for side in noise_sides:
+        folder = make_dataset(root, 20, 500, noise_side=side)
+        stored = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+                     if name.endswith(".tar")) / 10_000
+        rss = {}
+        for buffer in buffers:
+            row = run_one(folder, tokenizer, 1, os.path.join(root, "trace.txt"), buffer)
+            rss[buffer] = row["rss_mib"], row["anon_mib"]
+            print(f"noise {side} px ({stored / 1000:.1f} KB stored per sample), shuffle buffer "
+                  f"{buffer:,}: RSS +{row['rss_mib']:.0f} MiB (anonymous +{row['anon_mib']:.0f})",
+                  flush=True)
+        low, high = min(buffers), max(buffers)
+        per = [(rss[high][i] - rss[low][i]) * 2**20 / (high - low) / 1000 for i in (0, 1)]
+        print(f"noise {side} px: {per[0]:.1f} KB RSS ({per[1]:.1f} KB anonymous) per buffered "
+              "sample", flush=True)
+
+
 def format_row(row: dict) -> str:
     return (f"{row['shards']:>6,} shards {row['samples']:>10,} samples  streams {row['streams']}"
-            f"  rank 0: RSS +{row['rss_mib']:.0f} MiB, start-up {row['startup_s']:.1f} s, "
+            f"  rank 0: RSS +{row['rss_mib']:.0f} MiB (anonymous +{row['anon_mib']:.0f}), start-up {row['startup_s']:.1f} s, "
             f"opens .tar {row['tar_opens']:,} .idx {row['idx_opens']:,}, "
             f"mapped shards {row['mapped_shards']:,}")
 
 
-__all__ = ["make_dataset", "measure_rank", "run_one", "scale_benchmark", "format_row"]
+__all__ = ["make_dataset", "measure_rank", "run_one", "scale_benchmark", "buffer_benchmark",
+           "format_row"]
