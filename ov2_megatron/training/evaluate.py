@@ -18,18 +18,26 @@ from ov2_megatron.models.generation import greedy_captions
 from ov2_megatron.models.token_drop import keep_indices
 from ov2_megatron.parallel.initialize import local_device
 from ov2_megatron.training import checkpoint
+from ov2_megatron.training.replica_input import ReplicaInput, reads_data
 from ov2_megatron.training.step import MicroBatch, run_schedule
 
 
 def _eval_batches(run, shards: str, limit: int):
-    """This rank's first `limit` evaluation batches, cut to the count every rank has. DALI
+    """This replica's first `limit` evaluation batches, cut to the count every rank has. DALI
     splits the samples over the data-parallel ranks, so one rank may hold a batch more than
     another; every batch runs collectives (run_schedule all-reduces over the world), so an
-    unequal count would leave a rank waiting for ever."""
+    unequal count would leave a rank waiting for ever. One rank per replica decodes them and
+    shares them (replica_input.py); ranks after pipeline stage 0 get no images."""
     dp_rank, dp_size = checkpoint.data_parallel_info()
-    loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
-                                batch_size=run.train.micro_batch, training=False, shards=shards)
-    items = list(itertools.islice(iter(loader), limit))
+    items = None
+    if reads_data():
+        loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
+                                    batch_size=run.train.micro_batch, training=False,
+                                    shards=shards)
+        items = list(itertools.islice(iter(loader), limit))
+    shared = ReplicaInput((3, run.data.resolution, run.data.resolution),
+                          run.data.caption_length, local_device())
+    items = shared.share_items(items)
     count = torch.tensor([len(items)], dtype=torch.int64, device=local_device())
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     return items[:int(count.item())]
@@ -50,15 +58,16 @@ def schedule_parts(batch: MicroBatch, parallel, pad_id: int) -> list[MicroBatch]
     if not parallel.virtual_pipeline:
         return [batch]
     parts = parallel.pipeline
-    extra = -batch.images.shape[0] % parts
+    extra = -batch.tokens.shape[0] % parts
+    images = batch.images  # None after pipeline stage 0 (replica_input.py)
     if extra:
-        batch = MicroBatch(torch.cat([batch.images, batch.images[:1].expand(extra, -1, -1, -1)]),
-                           torch.cat([batch.tokens,
-                                      batch.tokens.new_full((extra, batch.tokens.shape[1]),
-                                                            pad_id)]),
+        if images is not None:
+            images = torch.cat([images, images[:1].expand(extra, -1, -1, -1)])
+        batch = MicroBatch(images, torch.cat([batch.tokens, batch.tokens.new_full(
+                               (extra, batch.tokens.shape[1]), pad_id)]),
                            torch.cat([batch.keep_idx, batch.keep_idx[:1].expand(extra, -1)]))
-    return [MicroBatch(*pieces) for pieces in zip(batch.images.chunk(parts),
-                                                  batch.tokens.chunk(parts),
+    image_parts = [None] * parts if images is None else images.chunk(parts)
+    return [MicroBatch(*pieces) for pieces in zip(image_parts, batch.tokens.chunk(parts),
                                                   batch.keep_idx.chunk(parts))]
 
 
@@ -72,15 +81,17 @@ def validation(run, model, geom, logger, step: int) -> dict:
     totals, mismatched = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for n, item in enumerate(items):
-            size = item["images"].shape[0]
+            size = item["tokens"].shape[0]
             index = torch.arange(size) + n * size
             keep = eval_keep_indices(run, geom, index).to(device)
-            images, tokens = item["images"].to(device), item["tokens"].to(device)
+            images, tokens = item["images"], item["tokens"].to(device)
+            images = None if images is None else images.to(device)
+            # The same captions with other images: what the loss owes to pixels.
+            rolled = None if images is None else images.roll(1, dims=0)
             for sums, batch in ((totals, MicroBatch(images, tokens, keep)),
-                                # The same captions with other images: what the loss owes to pixels.
-                                (mismatched, MicroBatch(images.roll(1, dims=0), tokens, keep))):
+                                (mismatched, MicroBatch(rolled, tokens, keep))):
                 parts = schedule_parts(batch, run.parallel, run.model.decoder.pad_id)
-                sums += run_schedule(model, parts, geom, parts[0].images.shape[0], True)
+                sums += run_schedule(model, parts, geom, parts[0].tokens.shape[0], True)
     result = dict(val_loss=float(totals[0] / max(totals[1], 1)),
                   val_token_accuracy=float(totals[2] / max(totals[1], 1)),
                   val_loss_wrong_images=float(mismatched[0] / max(mismatched[1], 1)))

@@ -12,7 +12,8 @@ drawn it sends, as Megatron-LM does:
                               stage); later stages never read pixels and get none.
 The kept-token indices are not sent: each rank draws them from the global sample positions
 (token_drop.keep_indices), the same on every rank. One broadcast per tensor per step covers
-all M micro-batches. The batches are those every rank drew before, so losses are unchanged
+all M micro-batches. Evaluation batches (validation, the linear probe) travel the same way,
+with their row counts and captions sent first. The batches are those every rank drew before, so losses are unchanged
 (tests/training/test_equivalence.py holds the layouts to one another).
 """
 
@@ -78,6 +79,24 @@ class ReplicaInput:
                                      device=self.device)
             dist.broadcast(images, src=self.tp_source, group=self.stage0_tp_group)
         return images, tokens
+
+
+    def share_items(self, items: list[dict] | None) -> list[dict]:
+        """Evaluation batches ({"images", "tokens", "captions"}, each of its own row count: bad
+        rows are dropped) from the reader to the replica: the row counts and captions as one
+        object broadcast, then each batch's tensors as in `share`."""
+        if not self.model_parallel:
+            return items
+        reader = items is not None
+        meta = [[(len(item["tokens"]), item["captions"]) for item in items] if reader else None]
+        dist.broadcast_object_list(meta, src=self.reader, group=self.replica_group)
+        shared = []
+        for i, (rows, captions) in enumerate(meta[0]):
+            images, tokens = (items[i]["images"].to(self.device), items[i]["tokens"].to(
+                self.device)) if reader else (None, None)
+            images, tokens = self.share(images, tokens, rows)
+            shared.append({"images": images, "tokens": tokens, "captions": captions})
+        return shared
 
 
 def _member_where(flag: bool, group) -> int:

@@ -1,8 +1,9 @@
-"""One image pipeline per replica (#24 item 2): only TP rank 0 of pipeline stage 0 builds a
-data loader; its TP peers get the images by broadcast, every stage the tokens. Through the
-real training loop and DALI loader on CPU, TP=2, PP=2 and TP=2 x PP=2 train with the losses
-of the single-rank run (the batches are the same samples, so only the layouts' reduction
-order differs), and the loaders built are counted per rank."""
+"""One image pipeline per replica (#24 item 2): only TP rank 0 of pipeline stage 0 builds
+data loaders (training and validation); its TP peers get the images by broadcast, every
+stage the tokens. Through the real training loop and DALI loader on CPU, TP=2, PP=2 and
+TP=2 x PP=2 train with the losses and the validation loss of the single-rank run (the
+batches are the same samples, so only the layouts' reduction order differs), and the
+loaders built are counted per rank."""
 
 import json
 import os
@@ -23,14 +24,14 @@ def train_counting_loaders(output_dir: str, extra: list[str]) -> dict:
     original = dali_pipeline.ImageCaptionLoader.__init__
 
     def counting(self, *args, **kwargs):
-        if kwargs.get("training", True):
-            built.append(1)
+        built.append("train" if kwargs.get("training", True) else "eval")
         original(self, *args, **kwargs)
 
     dali_pipeline.ImageCaptionLoader.__init__ = counting
-    loop.train(tiny(output_dir, extra))
+    summary = loop.train(tiny(output_dir, extra))
     return dict(tp=parallel_state.get_tensor_model_parallel_rank(),
-                pp=parallel_state.get_pipeline_model_parallel_rank(), loaders=len(built))
+                pp=parallel_state.get_pipeline_model_parallel_rank(), loaders=sorted(set(built)),
+                val_loss=summary["val_loss"])
 
 
 def losses(output_dir: str) -> list[float]:
@@ -45,10 +46,10 @@ def dataset_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> list[float]:
+def single(tmp_path_factory) -> tuple[list[float], float]:
     out = str(tmp_path_factory.mktemp("single"))
-    run_distributed(train_counting_loaders, 1, args=(out, []), timeout=300)
-    return losses(out)
+    result = run_distributed(train_counting_loaders, 1, args=(out, []), timeout=300)[0]
+    return losses(out), result["val_loss"]
 
 
 @pytest.mark.parametrize("world,layout", [
@@ -60,7 +61,11 @@ def test_only_the_replicas_first_rank_reads_and_losses_are_the_single_ranks(
         single, tmp_path, world, layout):
     ranks = run_distributed(train_counting_loaders, world, args=(str(tmp_path), layout),
                             timeout=300)
-    assert [(r["tp"], r["pp"], r["loaders"]) for r in ranks if r["loaders"]] == [(0, 0, 1)]
+    # Training and validation loaders, built by the replica's first rank only.
+    assert [(r["tp"], r["pp"], r["loaders"]) for r in ranks if r["loaders"]] == [
+        (0, 0, ["eval", "train"])]
+    want_losses, want_val = single
     got = losses(str(tmp_path))
-    assert len(got) == len(single) == STEPS
-    assert got == pytest.approx(single, rel=2e-5, abs=0), (got, single)
+    assert len(got) == len(want_losses) == STEPS
+    assert got == pytest.approx(want_losses, rel=2e-5, abs=0), (got, want_losses)
+    assert ranks[0]["val_loss"] == pytest.approx(want_val, rel=2e-5, abs=0)
