@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list: measure RSS per shuffle-buffer sample instead, on noise "
                         "images of --noise-sides px (perf/loader_scale.py)")
     parser.add_argument("--noise-sides", default="64,128")
+    parser.add_argument("--dont-use-mmap", action="store_true",
+                        help="--shuffle-buffers: with data.dont_use_mmap (plain reads)")
     parser.add_argument("--scale-dir", default=os.path.join(tempfile.gettempdir(),
                                                              "ov2-scale-bench"))
     parser.add_argument("--resolution", type=int, default=224)
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         from ov2_megatron.perf.loader_scale import buffer_benchmark
 
         buffer_benchmark([int(b) for b in args.shuffle_buffers.split(",")],
-                         [int(n) for n in args.noise_sides.split(",")], args.scale_dir)
+                         [int(n) for n in args.noise_sides.split(",")], args.scale_dir,
+                         args.dont_use_mmap)
         return 0
     if args.scale:
         from ov2_megatron.perf.loader_scale import scale_benchmark

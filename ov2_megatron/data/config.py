@@ -138,6 +138,13 @@ class DataConfig:
     """Samples in the reader's shuffle buffer; DALI's webdataset reader mixes only within it,
     shard order is shuffled once from the seed on top of that."""
 
+    dont_use_mmap: bool = False
+    """DALI's reader option: read shards with plain file I/O instead of memory-mapping them.
+    Set it on Lustre, GPFS and NFS, where mapped reads are slow, and at 65,530+ shards per
+    rank (the default vm.max_map_count: every mapped shard is one mapping). The shuffle
+    buffer then holds copies of the encoded samples (anonymous memory, counted by --dry-run's
+    loader estimate) instead of page-cache views."""
+
     max_image_pixels: int = 40_000_000
     """Images whose header declares more pixels than this are replaced, not decoded: a
     decompression bomb would otherwise stall or OOM a decoder thread."""

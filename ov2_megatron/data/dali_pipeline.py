@@ -96,6 +96,7 @@ def _graph(config: DataConfig, shards: list[str], index_paths: list[str] | None,
         paths=shards, index_paths=index_paths,
         ext=[";".join(every_letter_case(config.image_extensions)), "txt", "json"],
         missing_component_behavior="empty",  # a missing entry is empty; SampleFilter says why
+        dont_use_mmap=config.dont_use_mmap,
         shard_id=dp_rank, num_shards=dp_size, random_shuffle=training,
         initial_fill=config.shuffle_buffer, pad_last_batch=not training, name="reader")
     # One uniform draw per sample picks a caption among candidates: a DALI random op, so the

@@ -13,6 +13,10 @@ cannot drop:
             stored samples: the encoded bytes stay in the memory-mapped shard, as page cache
             the kernel can drop under pressure (~1.2x the stored size more of RSS);
   base      ~100 MiB: the pipeline, its threads and small batches.
+With data.dont_use_mmap the buffer holds copies of the encoded samples, in anonymous memory:
+measured 16.1 KB per buffered sample at 6.2 KB stored and 32.5 KB at 16.9 KB (bench_data.py
+--shuffle-buffers --dont-use-mmap), so 1.5 x the mean stored sample is added to the 10 KB
+(3 KB above both measurements).
 The decode buffers (uint8 decode and float32 output, prefetched batches plus the one in use)
 are counted from their shapes; on GPU decoding they live in GPU memory instead.
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 INDEX_BYTES_PER_SAMPLE = 360
 BUFFER_BYTES_PER_SAMPLE = 10_000
 BASE_BYTES = 100 * 2**20
+COPY_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -40,17 +45,20 @@ class LoaderMemory:
     def describe(self, samples: int, shuffle_buffer: int) -> str:
         return (f"{self.total / 2**30:.1f} GiB ({samples:,} samples indexed x "
                 f"{INDEX_BYTES_PER_SAMPLE} B = {self.index / 2**30:.1f} GiB, shuffle buffer "
-                f"{shuffle_buffer:,} x {BUFFER_BYTES_PER_SAMPLE / 1000:.1f} KB = "
+                f"{shuffle_buffer:,} x {self.buffer / max(shuffle_buffer, 1) / 1000:.1f} KB = "
                 f"{self.buffer / 2**30:.1f} GiB, decode buffers "
                 f"{self.decode / 2**30:.2f} GiB, base {self.base / 2**30:.1f} GiB)")
 
 
 def loader_memory(samples_indexed: int, shuffle_buffer: int, prefetch: int, batch: int,
-                  resolution: int, gpu_decoding: bool) -> LoaderMemory:
-    """Host bytes of one reading rank's loader (see the module docstring)."""
+                  resolution: int, gpu_decoding: bool, copied_bytes_per_sample: int = 0
+                  ) -> LoaderMemory:
+    """Host bytes of one reading rank's loader (see the module docstring);
+    `copied_bytes_per_sample`: the mean stored sample under data.dont_use_mmap, else 0."""
     decode = 0 if gpu_decoding else (prefetch + 2) * batch * resolution ** 2 * 3 * 5
+    per_buffered = BUFFER_BYTES_PER_SAMPLE + COPY_FACTOR * copied_bytes_per_sample
     return LoaderMemory(index=INDEX_BYTES_PER_SAMPLE * samples_indexed,
-                        buffer=BUFFER_BYTES_PER_SAMPLE * shuffle_buffer, decode=decode)
+                        buffer=int(per_buffered * shuffle_buffer), decode=decode)
 
 
 __all__ = ["LoaderMemory", "loader_memory", "INDEX_BYTES_PER_SAMPLE",

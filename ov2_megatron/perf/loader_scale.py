@@ -64,7 +64,8 @@ def tokenizer_for(root: str) -> str:
     return train_tokenizer([CAPTION.format(i) for i in range(1000)], path, 64)
 
 
-def measure_rank(folder: str, tokenizer: str, streams: int, shuffle_buffer: int = 64) -> dict:
+def measure_rank(folder: str, tokenizer: str, streams: int, shuffle_buffer: int = 64,
+                 dont_use_mmap: bool = False) -> dict:
     """Rank 0 of `streams` in this process: loader RSS, start-up seconds, mapped shards."""
     import time
 
@@ -78,6 +79,7 @@ def measure_rank(folder: str, tokenizer: str, streams: int, shuffle_buffer: int 
     process = psutil.Process()
     config = DataConfig(train_shards=folder, tokenizer_model=tokenizer, resolution=16,
                         num_threads=1, shuffle_buffer=shuffle_buffer, color_jitter=0.0,
+                        dont_use_mmap=dont_use_mmap,
                         grayscale_probability=0.0)
     rss, anon, start = process.memory_info().rss, _rss_anon(), time.perf_counter()
     loader = ImageCaptionLoader(config, dp_rank=0, dp_size=streams, batch_size=32,
@@ -98,11 +100,11 @@ def _rss_anon() -> int:
 
 
 def run_one(folder: str, tokenizer: str, streams: int, trace: str,
-            shuffle_buffer: int = 64) -> dict:
+            shuffle_buffer: int = 64, dont_use_mmap: bool = False) -> dict:
     """measure_rank in a fresh process under strace; adds the shard/index opens."""
     code = ("import json, sys; from ov2_megatron.perf.loader_scale import measure_rank; "
             f"print(json.dumps(measure_rank({folder!r}, {tokenizer!r}, {streams}, "
-            f"{shuffle_buffer})))")
+            f"{shuffle_buffer}, {dont_use_mmap})))")
     done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", trace,
                            sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
@@ -138,7 +140,8 @@ def scale_benchmark(sizes: list[tuple[int, int]], streams: list[int], root: str)
     return rows
 
 
-def buffer_benchmark(buffers: list[int], noise_sides: list[int], root: str) -> None:
+def buffer_benchmark(buffers: list[int], noise_sides: list[int], root: str,
+                     dont_use_mmap: bool = False) -> None:
     """RSS per shuffle-buffer sample: rank 0 of 1 stream at each buffer size, on 20 shards of
     500 noise images per side; the slope between the smallest and largest buffer."""
     tokenizer = tokenizer_for(root)
@@ -148,14 +151,15 @@ def buffer_benchmark(buffers: list[int], noise_sides: list[int], root: str) -> N
                      if name.endswith(".tar")) / 10_000
         rss = {}
         for buffer in buffers:
-            row = run_one(folder, tokenizer, 1, os.path.join(root, "trace.txt"), buffer)
+            row = run_one(folder, tokenizer, 1, os.path.join(root, "trace.txt"), buffer,
+                          dont_use_mmap)
             rss[buffer] = row["rss_mib"], row["anon_mib"]
             print(f"noise {side} px ({stored / 1000:.1f} KB stored per sample), shuffle buffer "
                   f"{buffer:,}: RSS +{row['rss_mib']:.0f} MiB (anonymous +{row['anon_mib']:.0f})",
                   flush=True)
         low, high = min(buffers), max(buffers)
         per = [(rss[high][i] - rss[low][i]) * 2**20 / (high - low) / 1000 for i in (0, 1)]
-        print(f"noise {side} px: {per[0]:.1f} KB RSS ({per[1]:.1f} KB anonymous) per buffered "
+        print(f"noise {side} px{' (dont_use_mmap)' if dont_use_mmap else ''}: {per[0]:.1f} KB RSS ({per[1]:.1f} KB anonymous) per buffered "
               "sample", flush=True)
 
 

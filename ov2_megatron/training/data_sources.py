@@ -121,8 +121,10 @@ def loader_memory_check(run: RunConfig, world: int, gpus_per_node: int,
         return ["loader memory: not estimated until every training shard has its index file "
                 "(the first run makes them)"]
     samples = sum(_index_samples(index) for index in indexes)
+    copied = sum(os.path.getsize(shard) for shard in shards) // max(samples, 1) \
+        if data.dont_use_mmap else 0
     need = loader_memory(samples, data.shuffle_buffer, data.prefetch, run.train.micro_batch,
-                         data.resolution, torch.cuda.is_available())
+                         data.resolution, torch.cuda.is_available(), copied)
     readers = max(1, min(gpus_per_node, world // p.pipeline) // p.tensor)  # replica_input.py
     node, host = need.total * readers, psutil.virtual_memory().total
     line = (f"loader memory per reading rank: {need.describe(samples, data.shuffle_buffer)}; "

@@ -421,3 +421,24 @@ def test_the_loader_says_where_it_decodes_and_why(numbered_shards, tokenizer_mod
     assert "2 threads per rank" in chosen.decoding
     with pytest.raises(ValueError, match="hw_decoder_load 1.5 is not a fraction"):
         make_config(numbered_shards, tokenizer_model, hw_decoder_load=1.5).validate()
+
+
+def test_dont_use_mmap_reads_the_same_stream_without_mapping_a_shard(numbered_shards,
+                                                                     tokenizer_model):
+    """data.dont_use_mmap (network file systems, 65k+ shards): plain reads give the batches
+    the mapped reader gives, and no shard is mapped into the process."""
+    def mapped_shards() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(line.rstrip().endswith(".tar") for line in f)
+
+    def first_batches(config):
+        loader = ImageCaptionLoader(config, dp_rank=0, dp_size=1, batch_size=8, device="cpu")
+        batches = [next(loader) for _ in range(3)]
+        return batches, mapped_shards()
+
+    mapped, maps_with = first_batches(make_config(numbered_shards, tokenizer_model))
+    plain, maps_without = first_batches(make_config(numbered_shards, tokenizer_model,
+                                                    dont_use_mmap=True))
+    assert maps_with > 0 and maps_without == 0
+    for a, b in zip(mapped, plain):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
