@@ -18,7 +18,7 @@ def train_counting_loaders(output_dir: str, extra: list[str]) -> dict:
     from megatron.core import parallel_state
 
     from ov2_megatron.data import dali_pipeline
-    from ov2_megatron.training import loop
+    from ov2_megatron.training import loop, step
 
     built = []
     original = dali_pipeline.ImageCaptionLoader.__init__
@@ -28,10 +28,19 @@ def train_counting_loaders(output_dir: str, extra: list[str]) -> dict:
         original(self, *args, **kwargs)
 
     dali_pipeline.ImageCaptionLoader.__init__ = counting
+    mapped = set()  # what the kernel says this process reads shards with, during training
+    original_step = step.BatchStream.step_batches
+
+    def step_batches(self, index):
+        with open("/proc/self/maps") as f:
+            mapped.update(line.split()[-1] for line in f if line.rstrip().endswith(".tar"))
+        return original_step(self, index)
+
+    step.BatchStream.step_batches = step_batches
     summary = loop.train(tiny(output_dir, extra))
     return dict(tp=parallel_state.get_tensor_model_parallel_rank(),
                 pp=parallel_state.get_pipeline_model_parallel_rank(), loaders=sorted(set(built)),
-                val_loss=summary["val_loss"])
+                val_loss=summary["val_loss"], mapped_shards=len(mapped))
 
 
 def losses(output_dir: str) -> list[float]:
@@ -64,6 +73,8 @@ def test_only_the_replicas_first_rank_reads_and_losses_are_the_single_ranks(
     # Training and validation loaders, built by the replica's first rank only.
     assert [(r["tp"], r["pp"], r["loaders"]) for r in ranks if r["loaders"]] == [
         (0, 0, ["eval", "train"])]
+    # DALI memory-maps the shards it reads: only the reader's process has any mapped.
+    assert [(r["tp"], r["pp"]) for r in ranks if r["mapped_shards"]] == [(0, 0)]
     want_losses, want_val = single
     got = losses(str(tmp_path))
     assert len(got) == len(want_losses) == STEPS
