@@ -48,26 +48,29 @@ class BatchStream:
         start = time.perf_counter()
         rows = self.micro_batch * self.micro_batches
         base = (step * parallel_state.get_data_parallel_world_size() + self.dp_rank) * rows
-        images, tokens, failure = None, None, ""
+        items, failure = [], ""
         if self._iter is not None:
             try:
                 items = [next(self._iter) for _ in range(self.micro_batches)]
-                images = torch.cat([item["images"] for item in items])  # [M*b, 3, R, R]
-                tokens = torch.cat([item["tokens"] for item in items])  # [M*b, L]
-                images = images.to(self.device, non_blocking=True)
-                tokens = tokens.to(self.device, non_blocking=True)
             except BadDataError as error:
                 failure = str(error)
         stop_together_on_bad_data(failure, self.device)
-        if self.shared is not None:
-            images, tokens = self.shared.share(images, tokens, rows)
+        images = [item["images"].to(self.device, non_blocking=True) for item in items]
+        tokens = [item["tokens"].to(self.device, non_blocking=True) for item in items]
+        if self.shared is not None and self.shared.model_parallel:
+            # One broadcast per tensor for the whole step, then the micro-batches as views.
+            step_images, step_tokens = self.shared.share(
+                torch.cat(images) if items else None,  # [M*b, 3, R, R]
+                torch.cat(tokens) if items else None, rows)  # [M*b, L]
+            tokens = list(step_tokens.split(self.micro_batch))
+            images = [None] * self.micro_batches if step_images is None else \
+                list(step_images.split(self.micro_batch))
         batches = []
         for i in range(self.micro_batches):
             index = torch.arange(base + i * self.micro_batch, base + (i + 1) * self.micro_batch)
             keep = keep_indices(index, self.geom.num_patches, self.geom.num_kept, self.seed)
-            rows_i = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-            batches.append(MicroBatch(None if images is None else images[rows_i],
-                                      tokens[rows_i], keep.to(self.device, non_blocking=True)))
+            batches.append(MicroBatch(images[i], tokens[i],
+                                      keep.to(self.device, non_blocking=True)))
         return batches, time.perf_counter() - start
 
 
