@@ -95,6 +95,7 @@ def _keys(obj, prefix="") -> list[str]:
 
 def dry_run(run, world_size: int, world_source: str = "") -> None:
     from ov2_megatron.models.flops import train_flops_per_sample
+    from ov2_megatron.training.data_coverage import coverage_lines
     from ov2_megatron.training.run_config import validate_run
     from ov2_megatron.variants import decoder_parameter_count, encoder_parameter_count
 
@@ -113,7 +114,7 @@ def dry_run(run, world_size: int, world_source: str = "") -> None:
     print(f"layout: world {world_size} = TP {p.tensor} x PP {p.pipeline} x DP "
           f"{world_size // (p.tensor * p.pipeline)}; VPP {p.virtual_pipeline}; SP "
           f"{p.sequence_parallel}{source}")
-    for note in notes:
+    for note in notes + coverage_lines(run):
         print(note)
     for line in _recipe_lines(run, geom):
         print(line)

@@ -1,6 +1,8 @@
 """Benchmark OpenVision 2 training: throughput, MFU, memory and where the step's time goes.
 
     python tools/bench.py --recipe tiny_cpu --steps 5 --json bench.json        # one layout
+    python tools/bench.py --recipe vit_l14 --set data.train_shards=/data/shards \\
+        --set data.tokenizer_model=/data/sp.model                               # your shards
     torchrun --nproc-per-node 8 tools/bench.py --recipe vit_l14 --stage 2 \\
         --set train.global_batch=512 --steps 20                                 # GPUs
     python tools/bench.py --sweep sweep.json --out runs/bench                  # every entry
@@ -12,9 +14,11 @@
     python tools/bench.py --keep-ratios 0.25,0.35,0.5,1.0 --threads 1          # cost vs FLOPs
 
 Each run prints one JSON summary and one markdown row (ov2_megatron/perf/benchmark.py says
-what is measured and how), plus its time to first step (`time_to_first_step_s`: from this
-tool's start to the end of the run's first training step, so imports, process groups, the
-model build and the first step's compilation and autotuning, which step times leave out).
+what is measured and how), the data it measured (`data measured:`; given data.train_shards,
+the DALI loader reads them, the vocabulary following data.tokenizer_model, as in a run),
+plus its time to first step (`time_to_first_step_s`: from this tool's start to the end of
+the run's first training step, so imports, process groups, the model build and the first
+step's compilation and autotuning, which step times leave out).
 On CPU the peak memory is read in a child process started with the environment that makes
 the reading sound (ov2_megatron/perf/peak_memory.py), and the steps are timed in this process,
 with malloc as training sets it (ov2_megatron/cpu_allocator.py): under the pinned environment
@@ -66,7 +70,10 @@ def parse_args(argv=None):
                            "timed rounds")
     parser.add_argument("--threads", type=int, default=None,
                         help="--keep-ratios: torch threads (1 makes CPU time robust to load)")
-    parser.add_argument("--data", choices=("synthetic", "loader"), default="synthetic")
+    parser.add_argument("--data", choices=("synthetic", "loader"), default=None,
+                        help="what feeds the steps: the DALI loader (default when "
+                        "data.train_shards is set: your shards) or synthetic batches in memory "
+                        "(default otherwise); the output says which data it measured")
     parser.add_argument("--json", help="write the result JSON here")
     parser.add_argument("--out", help="--sweep: directory for the per-run JSONs")
     parser.add_argument("--index", type=int, default=None,
@@ -149,9 +156,15 @@ def bench(args) -> int:
     import torch.distributed as dist
 
     from ov2_megatron.perf import report
-    from ov2_megatron.perf.benchmark import run_benchmark
+    from ov2_megatron.perf.benchmark import run_benchmark, settle_data
 
+    # Before the memory child and any process group: bad shards fail here, in one line (on a
+    # copy: run_benchmark settles its own run again).
+    _, source = settle_data(_run_config(args, "tiny_cpu"), args.data,
+                            int(os.environ.get("WORLD_SIZE", 1)))
     run = _run_config(args, "tiny_cpu")
+    if int(os.environ.get("RANK", 0)) == 0 and not args.memory_only:
+        print(f"bench.py: data: {source}", file=sys.stderr, flush=True)
     memory = _memory_in_pinned_child(args) if _times_apart_from_memory(args) else None
     if args.memory_only:
         args.steps = 1
@@ -168,6 +181,7 @@ def bench(args) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}))
         print(report.markdown_header())
         print(report.markdown_row(result))
+        print(f"data measured: {result['data_source']}")
         first = result["time_to_first_step_s"]
         print(f"time to first step: {'n/a' if first is None else f'{first:.1f} s'} (tool start "
               "to the end of the first training step: imports, build, compilation)")
@@ -374,7 +388,7 @@ def main(argv=None) -> int:
         if args.keep_ratios:
             return keep_ratios(args)
         return bench(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a missing or unreadable shard
         print(f"bench.py: {error}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,8 @@ What is measured, and how (also written into the result):
   step time        wall time of data + train_step, synchronised (CUDA) at both ends; median
   data wait        producing the step's micro-batches: with synthetic data the token-drop
                    index draw (images and captions are drawn once, in memory); with
-                   data="loader" the real DALI loader through BatchStream
+                   data="loader" the real DALI loader through BatchStream, on
+                   data.train_shards when given, else on the synthetic set (settle_data)
   optimizer        megatron's optimizer.step (grad-norm, clip, Adam, param all-gather),
                    timed by wrapping that one bound method
   forward-backward the rest of train_step: the pipeline schedule incl. grad reduction
@@ -34,6 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ov2_megatron.data.config import resolve_shard_spec
 from ov2_megatron.models.flops import (PEAK_BF16, PEAK_FP8, model_flops_per_sample, peak_for,
                                        train_flops_per_sample)
 from ov2_megatron.perf import memory_model
@@ -94,13 +96,47 @@ class SyntheticStream:
         return batches, time.perf_counter() - start
 
 
+def settle_data(run, data: str | None, world: int) -> tuple[str, str]:
+    """(what feeds the steps, a sentence saying which data that is), settled in `run` as a
+    training run settles it (data_sources.choose_sources) and checked before any process
+    group: a bad shard path or tokenizer is a ValueError / OSError naming it, not a crash
+    mid-benchmark. `data` None: the loader when data.train_shards names shards, otherwise
+    the in-memory synthetic batches."""
+    from ov2_megatron.parallel.initialize import ParallelLayout
+    from ov2_megatron.training import data_sources
+
+    shards = run.data.train_shards
+    own = data_sources.given(shards)
+    data = data or ("loader" if own else "synthetic")
+    if data == "synthetic":
+        unread = "; data.train_shards is not read (--data loader reads it)" if own else ""
+        return data, ("synthetic batches drawn once in memory (random pixels and captions, "
+                      f"no loader, no decoding){unread}")
+    if data != "loader":
+        raise ValueError(f"--data {data!r}: use synthetic or loader")
+    listed = len(resolve_shard_spec(shards)) if own else 0
+    data_sources.choose_sources(run)  # own shards: the synthetic set is not built
+    if run.synthetic:
+        return data, (f"the DALI loader on the synthetic set ({run.synthetic.get('num_train')} "
+                      f"images at {run.synthetic.get('image_size')} px, built on first use "
+                      "under $OV2_CACHE; --set data.train_shards=... measures your shards)")
+    if not own:
+        raise ValueError(f"--data loader: recipe {run.name} has no synthetic set and "
+                         "data.train_shards is empty: --set data.train_shards=... (and "
+                         "data.tokenizer_model=...)")
+    p = run.parallel
+    data_sources.check_data(run, ParallelLayout(p.tensor, p.pipeline).data_parallel_size(world))
+    read = len(resolve_shard_spec(run.data.train_shards))
+    held = "; the last is held out for validation, as a run does" if read < listed else ""
+    return data, (f"the DALI loader on data.train_shards {shards} ({read} "
+                  f"shard{'s' if read != 1 else ''} read{held})")
+
+
 def _loader_stream(run, geom, micro_batches, dp_rank, dp_size, device):
     from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
-    from ov2_megatron.training.loop import prepare_data
     from ov2_megatron.training.replica_input import ReplicaInput, reads_data
     from ov2_megatron.training.step import BatchStream
 
-    prepare_data(run)
     # As training reads: one loader per replica, its tensors shared (replica_input.py).
     loader = ImageCaptionLoader(run.data, dp_rank=dp_rank, dp_size=dp_size,
                                 batch_size=run.train.micro_batch) if reads_data() else None
@@ -162,19 +198,21 @@ def predicted_peak(run, geom, impl: str, pipeline_rank: int, dp: int, micro_batc
                                     memory_profile(impl))
 
 
-def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic",
+def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str | None = "synthetic",
                   profile_comm: bool = True) -> dict:
     """Initialise the layout, build, warm up, time `steps` steps; every rank returns the same
-    summary (max memory over ranks). Launch like training (torchrun / srun / one process)."""
+    summary (max memory over ranks). Launch like training (torchrun / srun / one process).
+    `data`: as settle_data; the summary's `data_source` says which data was measured."""
     from megatron.core import parallel_state
 
     from ov2_megatron.models import specs
     from ov2_megatron.parallel.initialize import ParallelLayout, initialize, local_device
-    from ov2_megatron.training.loop import build_model_and_optimizer, train_step
+    from ov2_megatron.training.loop import build_model_and_optimizer, prepare_data, train_step
     from ov2_megatron.training.run_config import validate_run
 
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    data, source = settle_data(run, data, world)
     geom = validate_run(run, world, capability)
     p, t = run.parallel, run.train
     initialize(ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline), seed=t.seed)
@@ -189,10 +227,10 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     memory.baseline()
     if data == "synthetic":
         stream = SyntheticStream(run, geom, micro_batches, dp_rank, device)
-    elif data == "loader":
-        stream = _loader_stream(run, geom, micro_batches, dp_rank, dp, device)
     else:
-        raise ValueError(f"data {data!r}: use synthetic or loader")
+        prepare_data(run, dp)  # the synthetic set on first use; the data checks again
+        geom = validate_run(run, world, capability)  # the vocabulary follows the tokenizer
+        stream = _loader_stream(run, geom, micro_batches, dp_rank, dp, device)
     model, optimizer, scheduler = build_model_and_optimizer(run, geom, impl)
     optimizer_seconds = _time_optimizer_steps(optimizer)
     for step in range(warmup):
@@ -225,8 +263,10 @@ def run_benchmark(run, steps: int = 10, warmup: int = 2, data: str = "synthetic"
     per_rank = _gather(dict(rank=dist.get_rank(), pp_rank=pp_rank, peak=peak,
                             predicted=predicted.peak, process_peak=memory.process_peak_bytes(),
                             parameters=parameters, predicted_parameters=predicted.parameters))
-    return _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, rows, comm,
-                      per_rank, memory.method)
+    result = _summarise(run, geom, impl, world, dp, micro_batches, steps, warmup, data, rows,
+                        comm, per_rank, memory.method)
+    result["data_source"] = source
+    return result
 
 
 def _time_optimizer_steps(optimizer) -> list[float]:

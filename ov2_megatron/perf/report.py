@@ -70,10 +70,12 @@ def load_sweep(path: str) -> list[dict]:
 
 
 def entry_arguments(entry: dict) -> list[str]:
-    """The tools/bench.py arguments of one sweep entry."""
+    """The tools/bench.py arguments of one sweep entry (without "data", bench.py's default:
+    the loader when the entry sets data.train_shards, else synthetic batches)."""
     args = ["--recipe", entry["recipe"], "--stage", str(entry.get("stage", 1)),
-            "--steps", str(entry.get("steps", 10)), "--warmup", str(entry.get("warmup", 2)),
-            "--data", entry.get("data", "synthetic")]
+            "--steps", str(entry.get("steps", 10)), "--warmup", str(entry.get("warmup", 2))]
+    if "data" in entry:
+        args += ["--data", entry["data"]]
     for assignment in entry.get("set", []):
         args += ["--set", assignment]
     return args

@@ -39,7 +39,8 @@ from ov2_megatron.parallel.initialize import (ParallelLayout, initialize, local_
 from ov2_megatron.training import (checkpoint, data_sources, elastic_resume, evaluate,
                                    process_lifetime, replica_input, run_checks, run_lock,
                                    stage_transfer)
-from ov2_megatron.training.metrics import DataWaitMonitor, MetricsLogger, data_wait_fraction
+from ov2_megatron.training.metrics import (DataWaitMonitor, IntervalMeans, MetricsLogger,
+                                           data_wait_fraction)
 from ov2_megatron.training.optimizer import build_optimizer
 from ov2_megatron.training.run_config import (RunConfig, lr_rule, overlap_settings, total_steps,
                                               validate_run, warmup_rule)
@@ -220,6 +221,7 @@ def _train(run: RunConfig) -> dict:
     # Model FLOPs (recomputation excluded): MFU measures useful work, as in Megatron/PaLM.
     flops = model_flops_per_sample(run.model, geom)
     device_name, peak = device_peak_flops()
+    interval = IntervalMeans(flops / dist.get_world_size(), peak)  # the progress line's means
     meta = dict(name=run.name, stage=run.stage,
                 layout=checkpoint.layout_signature(p, dist.get_world_size()),
                 tokenizer=run_checks.tokenizer_identity(run.data.tokenizer_model))
@@ -241,6 +243,7 @@ def _train(run: RunConfig) -> dict:
         step += 1
         elapsed = time.perf_counter() - started + data_wait
         logger.watch_data_wait(step, data_wait, elapsed)
+        interval.add(loss, elapsed, data_wait, t.global_batch, float(totals[1]))
         if nonfinite_in_row >= t.max_nonfinite:
             with weights_gathered(model):
                 checkpoint.save(root, step, model, optimizer, scheduler, meta, loader.state())
@@ -258,7 +261,8 @@ def _train(run: RunConfig) -> dict:
                 data_wait_s=data_wait,
                 data_wait_fraction=data_wait_fraction(data_wait, elapsed),
                 memory_gb=_memory_gb(), skipped=skipped,
-                bad_samples=loader.stats()))  # {reason: count}: metrics.py shows each
+                bad_samples=loader.stats(),  # {reason: count}: metrics.py shows each
+                **interval.take()))
         preempted = stop.agreed()
         if step % t.save_interval == 0 or step == steps or preempted:
             with weights_gathered(model):

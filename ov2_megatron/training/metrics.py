@@ -1,9 +1,19 @@
-"""One metrics line per logging step, metrics.jsonl, TensorBoard, and a progress bar with
-ETA on interactive terminals. Only the logging rank (global rank 0) writes.
+"""One metrics line per logging step, metrics.jsonl, TensorBoard, and a progress bar on
+interactive terminals. Only the logging rank (global rank 0) writes.
+
+The printed line, terminal or log file alike, starts with the wall-clock time and ends with
+the ETA. Loss and throughput are printed as means over the logging interval, marked by their
+`_mean` names and the interval after the step (`step 20/100 (means over steps 11-20) |
+loss_mean 2.4012 | images_per_s_mean 93.8 | ...`): one step's loss is noise, and a log
+every 10 steps would otherwise show one step in ten. metrics.jsonl keeps the logged step's
+own values under the plain names (`loss`, `images_per_s`, ...) and adds the means as
+`<name>_mean` with `interval_steps`, the number of steps they average (IntervalMeans).
 
 A dict value (the loader's replaced samples by reason, `bad_samples`) is logged as its total
 under its own name plus one metric per entry (`bad_samples/no_caption`), and printed as
-`bad_samples 109 (undecodable 100, no_caption 9)`: `skipped` counts non-finite steps only.
+`bad_samples 109 (undecodable 100, no_caption 9)`. `skipped` (metrics.jsonl) counts the
+optimizer steps skipped for a non-finite loss since this process started; the line prints it
+as `nonfinite_steps_skipped`, which says so next to bad_samples.
 
 `data_wait_fraction` is the share of the step spent waiting for the batch; DataWaitMonitor
 prints a warning with the likely fixes when, over a window of steps, that share stays above
@@ -18,17 +28,31 @@ import sys
 import time
 
 
+# Printed in this order; a key's `<key>_mean` (IntervalMeans) takes its place when present.
+PRINTED = (("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"), ("images_per_s", ".1f"),
+           ("tokens_per_s", ".0f"), ("tflops_per_device", ".2f"), ("mfu", ".1%"),
+           ("data_wait_s", ".3f"), ("data_wait_fraction", ".1%"), ("memory_gb", ".2f"),
+           ("skipped", "d"), ("val_loss", ".4f"), ("val_token_accuracy", ".1%"),
+           ("val_loss_wrong_images", ".4f"), ("probe_shape_accuracy", ".1%"),
+           ("probe_colour_accuracy", ".1%"))
+# metrics.jsonl's names, kept for its readers; the line says what they count.
+PRINTED_NAMES = {"skipped": "nonfinite_steps_skipped"}
+
+
 class MetricsLogger:
     """`resumed_at`: the step training starts from (0, or the checkpoint's). Records of later
     steps, written by a run that stopped after its last checkpoint, are dropped from
-    metrics.jsonl and purged from TensorBoard, so each step is logged once."""
+    metrics.jsonl and purged from TensorBoard, so each step is logged once. `clock`: the
+    monotonic clock the ETA is measured with (a test passes its own)."""
 
     def __init__(self, run_dir: str, total_steps: int, enabled: bool,
-                 data_wait: DataWaitMonitor | None = None, resumed_at: int = 0):
+                 data_wait: DataWaitMonitor | None = None, resumed_at: int = 0,
+                 clock=time.monotonic):
         self.enabled, self.total_steps = enabled, total_steps
         self.data_wait = data_wait
         self.interactive = enabled and sys.stdout.isatty()
-        self._start, self._start_step = time.monotonic(), None
+        self._clock = clock
+        self._first: tuple[int, float] | None = None  # (first logged step, its time)
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -44,8 +68,8 @@ class MetricsLogger:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        if self._start_step is None:
-            self._start_step, self._start = step - 1, time.monotonic()
+        if self._first is None:
+            self._first = (step, self._clock())
         record = {"step": step}
         for key, value in values.items():
             record.update(_flatten(key, value))
@@ -66,33 +90,38 @@ class MetricsLogger:
             self.text("warnings/data_wait", warning, step)
 
     def _print(self, step: int, record: dict) -> None:
-        fields = [f"step {step}/{self.total_steps}"]
-        for key, fmt in (("loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
-                         ("images_per_s", ".1f"), ("tokens_per_s", ".0f"),
-                         ("tflops_per_device", ".2f"), ("mfu", ".1%"), ("data_wait_s", ".3f"),
-                         ("data_wait_fraction", ".1%"),
-                         ("memory_gb", ".2f"), ("skipped", "d"), ("val_loss", ".4f"),
-                         ("val_token_accuracy", ".1%"), ("val_loss_wrong_images", ".4f"), ("probe_shape_accuracy", ".1%"),
-                         ("probe_colour_accuracy", ".1%")):
-            value = record.get(key)
+        fields = [time.strftime("%Y-%m-%d %H:%M:%S %Z"), _step_field(step, self.total_steps,
+                                                                      record)]
+        for key, fmt in PRINTED:
+            name = f"{key}_mean" if record.get(f"{key}_mean") is not None else key
+            value = record.get(name)
             if value is not None:
-                fields.append(f"{key} {format(value, fmt)}")
+                fields.append(f"{PRINTED_NAMES.get(name, name)} {format(value, fmt)}")
         if record.get("bad_samples"):
             fields.append(_breakdown("bad_samples", record))
+        fields.append(f"ETA {_duration(self.eta_seconds(step, record))}")
         line = " | ".join(fields)
         if self.interactive:
-            line = f"{self._bar(step)} {line} | ETA {self._eta(step)}"
+            line = f"{self._bar(step)} {line}"
         print(line, flush=True)
 
     def _bar(self, step: int, width: int = 20) -> str:
         done = int(width * step / max(self.total_steps, 1))
         return "[" + "#" * done + "." * (width - done) + "]"
 
-    def _eta(self, step: int) -> str:
-        elapsed = time.monotonic() - self._start
-        per_step = elapsed / max(step - self._start_step, 1)
-        seconds = int(per_step * (self.total_steps - step))
-        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    def eta_seconds(self, step: int, record: dict) -> float | None:
+        """Remaining steps x the wall time per step since the first logged step (evaluation
+        and checkpoints included: they are part of what is left). The first logged step's
+        own time is left out, as it carries the start-up (compilation, allocator warm-up);
+        on that first line the step's own time (`step_s_mean`) is all there is."""
+        first_step, first_time = self._first
+        if step > first_step:
+            per_step = (self._clock() - first_time) / (step - first_step)
+        else:
+            per_step = record.get("step_s_mean")
+        if per_step is None:
+            return None
+        return per_step * max(self.total_steps - step, 0)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
@@ -103,6 +132,72 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._writer.close()
+
+
+class IntervalMeans:
+    """Per-step values summed since the last logged step, for the `_mean` fields of the next
+    record (`take`). The loss is averaged over the steps whose loss was finite (a skipped
+    step's is not a loss); rates are totals over time (images / seconds, so a slow step
+    weighs what it cost, as in DataWaitMonitor), and model TFLOP/s and MFU follow from that
+    images/s as the per-step ones do (loop.py)."""
+
+    def __init__(self, model_flops_per_image_per_device: float = 0.0,
+                 peak_flops: float | None = None):
+        self.flops, self.peak = model_flops_per_image_per_device, peak_flops
+        self._clear()
+
+    def _clear(self) -> None:
+        self.steps = self.finite_steps = 0
+        self.loss = self.seconds = self.data_wait_s = self.images = self.tokens = 0.0
+
+    def add(self, loss: float, step_s: float, data_wait_s: float, images: int,
+            tokens: float) -> None:
+        """One step: its loss, its wall time including the data wait, the wait, its sizes."""
+        self.steps += 1
+        if math.isfinite(loss):
+            self.loss, self.finite_steps = self.loss + loss, self.finite_steps + 1
+        self.seconds += step_s
+        self.data_wait_s += data_wait_s
+        self.images += images
+        self.tokens += tokens
+
+    def take(self) -> dict:
+        """The means since the last take (empty if no step was added), then start over."""
+        if not self.steps:
+            return {}
+        seconds = max(self.seconds, 1e-12)
+        images_per_s = self.images / seconds
+        tflops = self.flops * images_per_s / 1e12
+        means = dict(interval_steps=self.steps, step_s_mean=self.seconds / self.steps,
+                     loss_mean=self.loss / self.finite_steps if self.finite_steps else None,
+                     images_per_s_mean=images_per_s, tokens_per_s_mean=self.tokens / seconds,
+                     tflops_per_device_mean=tflops,
+                     mfu_mean=tflops * 1e12 / self.peak if self.peak else None,
+                     data_wait_s_mean=self.data_wait_s / self.steps,
+                     data_wait_fraction_mean=data_wait_fraction(self.data_wait_s, self.seconds))
+        self._clear()
+        return means
+
+
+def _step_field(step: int, total_steps: int, record: dict) -> str:
+    """"step 20/100", and the steps the record's `_mean` values cover."""
+    field = f"step {step}/{total_steps}"
+    steps = record.get("interval_steps")
+    if steps == 1:
+        return f"{field} (means over step {step})"
+    if steps:
+        return f"{field} (means over steps {step - steps + 1}-{step})"
+    return field
+
+
+def _duration(seconds: float | None) -> str:
+    """"0:04:12", "3d 2:00:05"; "unknown" before anything was timed."""
+    if seconds is None:
+        return "unknown"
+    whole = int(seconds)
+    days, clock = divmod(whole, 86400)
+    text = f"{clock // 3600}:{clock // 60 % 60:02d}:{clock % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def data_wait_fraction(data_wait_s: float, step_s: float) -> float:

@@ -188,7 +188,8 @@ def test_progress_line_and_metrics_show_bad_samples_by_reason(tmp_path, capsys):
     logger.log(2, dict(loss=2.0, skipped=0, bad_samples={}))
     logger.close()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].endswith("skipped 0 | bad_samples 109 (undecodable 100, no_caption 9)")
+    assert lines[0].endswith("| nonfinite_steps_skipped 0 | bad_samples 109 (undecodable 100, "
+                             "no_caption 9) | ETA unknown")
     assert "bad_samples" not in lines[1]
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         first = json.loads(f.readline())

@@ -51,11 +51,15 @@ def test_benchmark_result(swept):
     assert result["peak_memory_gib"] == pytest.approx(result["predicted_memory_gib"], rel=0.15)
     row = report.markdown_row(result)
     assert row.count("|") == report.markdown_header().splitlines()[0].count("|")
+    # No shards named: in-memory batches, and the output says so (#23, item 5).
+    assert result["data"] == "synthetic" and result["data_source"].startswith(
+        "synthetic batches drawn once in memory (random pixels and captions, no loader")
 
 
 def test_merge_tables_every_result(swept, tmp_path):
     out, stdout = swept
     assert "| tiny |" in stdout and "Commands:" in stdout
+    assert "data measured: synthetic batches drawn once in memory" in stdout
     result = json.loads((out / "tiny.json").read_text())
     (tmp_path / "a.json").write_text(json.dumps(result))
     result["layout"]["tp"] = 8

@@ -44,4 +44,6 @@ def test_fraction_logged_and_warning_printed(tmp_path):
     assert [w.split(" spent")[0] for w in warnings] == ["warning: steps 1-2",
                                                         "warning: steps 3-4"]
     assert "data.num_threads" in warnings[0]
-    assert "| data_wait_fraction " in printed
+    assert "| data_wait_fraction_mean " in printed  # the line shows the interval's mean
+    for r in records:  # logged every step here: the interval is that one step
+        assert r["data_wait_fraction_mean"] == pytest.approx(r["data_wait_fraction"], rel=1e-9)

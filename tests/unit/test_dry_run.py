@@ -255,3 +255,90 @@ def test_dry_run_states_the_loaders_host_memory_and_a_run_that_cannot_hold_it_is
     err = done.stderr
     assert "the data loaders would need" in err and "lower data.shuffle_buffer (10,000,000)" in err
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def _samples_in(tars: list[str]) -> int:
+    """Samples counted here independently of the loader's code: distinct keys per tar."""
+    import tarfile
+
+    total = 0
+    for path in tars:
+        with tarfile.open(path) as tar:
+            total += len({member.name.split(".")[0] for member in tar if member.isfile()})
+    return total
+
+
+def _data_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines()
+            if line.startswith("data: ") and "samples per step" in line or
+            line.startswith("warning: the ")]
+
+
+def test_dry_run_counts_the_training_samples_and_epochs(shards, capsys):
+    """The paper's batch on 72 samples (3 of 4 shards: the last is held out): the count is
+    the shards' own, and the line says what the run's length does with it."""
+    trained = _samples_in(_tars(shards.train_dir)[:-1])
+    assert trained == 72
+    assert main(["--recipe", "vit_l14", "--dry-run",
+                 "--set", f"data.train_shards={shards.train_dir}",
+                 "--set", f"data.tokenizer_model={shards.tokenizer_model}"]) == 0
+    line, smaller, repeats = _data_lines(capsys.readouterr().out)
+    steps = 12_811_670_000 // 32_768
+    epochs = steps * 32_768 / trained
+    assert line == (f"data: {trained} training samples (counted in the shards); 32,768 samples "
+                    f"per step; {trained / 32_768:.2g} steps per epoch; the run covers "
+                    f"{epochs:,.0f} epochs ({steps:,} steps x 32,768 = {steps * 32_768:,} "
+                    "samples)")
+    assert smaller.startswith("warning: the training set (72 samples) is smaller than one "
+                              "global batch (32,768)")
+    assert repeats.startswith(f"warning: the run shows each training sample {epochs:,.0f} "
+                              "times, more than 50")
+
+
+def test_dry_run_counts_shards_without_index_files(shards, tmp_path, capsys):
+    """img2dataset shards have no DALI index yet: the count lists the tar members instead."""
+    import shutil
+
+    tars = sorted(n for n in os.listdir(shards.train_dir) if n.endswith(".tar"))
+    for name in tars:
+        shutil.copy(os.path.join(shards.train_dir, name), tmp_path / name)
+    real = _samples_in([str(tmp_path / n) for n in tars])
+    assert main(["--recipe", "tiny_cpu", "--dry-run", "--set", f"data.train_shards={tmp_path}",
+                 "--set", f"data.val_shards={shards.val_dir}",
+                 "--set", f"data.tokenizer_model={shards.tokenizer_model}",
+                 "--set", "train.global_batch=32", "--set", "train.steps=30"]) == 0
+    out = capsys.readouterr().out
+    assert "index files missing for 4" in out
+    assert _data_lines(out) == [
+        f"data: {real} training samples (counted in the shards); 32 samples per step; "
+        f"{real / 32:.2g} steps per epoch; the run covers {30 * 32 / real:.2g} epochs "
+        "(30 steps x 32 = 960 samples)"]  # 96 samples, 10 epochs: no warning
+
+
+def test_dry_run_counts_each_mixture_source(shards, capsys):
+    train, val = _samples_in(_tars(shards.train_dir)), _samples_in(_tars(shards.val_dir))
+    mixture = (f'[{{"path": "{shards.train_dir}", "weight": 3}}, '
+               f'{{"path": "{shards.val_dir}", "weight": 1}}]')
+    assert main(["--recipe", "tiny_cpu", "--dry-run", "--set", f"data.train_shards={mixture}",
+                 "--set", f"data.tokenizer_model={shards.tokenizer_model}",
+                 "--set", "train.steps=100"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    sources = [line for line in out if line.startswith("data: /")]
+    assert sources == [
+        f"data: {shards.train_dir}: {train} samples, 75.0% of each batch: the run covers "
+        f"{6400 * 0.75 / train:.2g} epochs of it",
+        f"data: {shards.val_dir}: {val} samples, 25.0% of each batch: the run covers "
+        f"{6400 * 0.25 / val:.2g} epochs of it"]
+    assert f"data: {train + val} training samples (counted in the shards)" in "\n".join(out)
+
+
+def test_dry_run_states_the_synthetic_set_from_its_config(capsys):
+    assert main(["--recipe", "tiny_cpu", "--dry-run"]) == 0  # synthetic num_train 8000
+    assert _data_lines(capsys.readouterr().out) == [
+        "data: 8,000 training samples (the synthetic set: synthetic.num_train in the config); "
+        "64 samples per step; 125 steps per epoch; the run covers 2.4 epochs (300 steps x 64 "
+        "= 19,200 samples)"]
+
+
+def _tars(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".tar"))
