@@ -98,15 +98,17 @@ def train_command(shards: str, tokenizer: str, output_dir: str, ranks: int, *set
 
 
 def test_a_cut_shard_is_named_and_training_reads_its_complete_samples(tmp_path):
-    """An interrupted download (a shard cut inside its last image) next to whole shards, and
-    keys with spaces, through the command line: the run warns naming the cut shard and trains
-    (it crashed in tarfile with a 53-line traceback naming no shard; spaced keys were
-    dropped uncounted)."""
+    """An interrupted download (a shard cut inside its last image) next to whole shards, keys
+    with spaces and upper-case extensions, through the command line: the run warns naming the
+    cut shard and trains with 0 bad samples (it crashed in tarfile with a 53-line traceback
+    naming no shard; spaced keys were dropped uncounted; .JPG was empty_image)."""
     tokenizer = synthetic_dataset().tokenizer_model
-    shards = write_shards(str(tmp_path / "cut"), ("JPEG", "PNG"))
+    # A camera's extensions too: JPEGs as KEY.JPG, PNGs named KEY.JPEG.
+    shards = write_shards(str(tmp_path / "cut"), ("JPEG", "PNG"),
+                          extension={"JPEG": "JPG", "PNG": "JPEG"})
     cut = os.path.join(shards, "jpeg-00001.tar")
     with tarfile.open(cut) as tar:
-        last_image = [m for m in tar if m.name.endswith(".jpg")][-1]
+        last_image = [m for m in tar if m.name.endswith(".JPG")][-1]
     with open(cut, "r+b") as f:
         f.truncate(last_image.offset_data + 100)
     spaced = os.path.join(shards, "png-00000.tar")
