@@ -1,8 +1,10 @@
 """ImageCaptionLoader: webdataset shards -> DALI decode/augment -> {"images", "tokens"} batches.
 
 Pipeline per data-parallel rank (one graph; only the decoder's device changes):
-    readers.webdataset (image, .txt, .json; shard_id=dp_rank, num_shards=dp_size, shuffle
-                        buffer, seed; index files made on first use: shard_index.py)
+    readers.webdataset (image, .txt, .json; training: only the shards of this stream's range,
+                        the range DALI's shard_id=dp_rank of num_shards=dp_size would read
+                        (stream_split.py); eval: DALI's own split; shuffle buffer, seed;
+                        index files made on first use: shard_index.py)
       -> python_function SampleFilter (header checks, caption from .txt or a .json field,
                                        placeholder swap, tokenization)
       -> decoders.image_random_crop (train) | decoders.image (eval)
@@ -43,12 +45,15 @@ from ov2_megatron.data.config import (DataConfig, every_letter_case, resolve_pla
 from ov2_megatron.data.mixing import is_mixture, mixture_shards, parse_sources
 from ov2_megatron.data.sample_checks import Issue
 from ov2_megatron.data.shard_index import ensure_indexes, samples_in_index
+from ov2_megatron.data.stream_split import stream_shards
 from ov2_megatron.data.sample_filter import SampleFilter
 from ov2_megatron.data.tokenizer import CaptionTokenizer
 
 # 2: the graph gained the caption-candidate draw and source_info ops (v1 checkpoints of DALI
 # name operators this graph lacks, so they cannot load).
-_STATE_VERSION = 2
+# 3: a training reader holds only its stream's range (stream_split.py): a v2 reader position
+# counts from the start of the whole list.
+_STATE_VERSION = 3
 _ISSUE_NAMES = tuple(issue.metric_name for issue in Issue if issue != Issue.OK)
 _TOTAL_NAMES = ("samples", "replaced", "dropped", "batches_skipped", "recoveries")
 _MAX_RECOVERIES_PER_BATCH = 3
@@ -68,8 +73,11 @@ def resolve_device(device: str) -> str:
 
 def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_size: int,
                    batch_size: int, training: bool, device: str, sample_filter: SampleFilter,
-                   checkpoint: bytes | None = None, index_paths: list[str] | None = None):
-    """The DALI pipeline described in the module docstring (not yet built)."""
+                   checkpoint: bytes | None = None, index_paths: list[str] | None = None,
+                   reader_split: tuple[int, int] | None = None):
+    """The DALI pipeline described in the module docstring (not yet built). `reader_split`:
+    the reader's (shard_id, num_shards), default (dp_rank, dp_size); (0, 1) when `shards`
+    holds only this stream's range (stream_split.py)."""
     from nvidia.dali import pipeline_def
 
     device_id = torch.cuda.current_device() if device == "gpu" else None
@@ -79,7 +87,8 @@ def build_pipeline(config: DataConfig, shards: list[str], *, dp_rank: int, dp_si
     # own shard, so deriving both from (seed, rank) is safe.
     if index_paths is None:
         index_paths = ensure_indexes(shards, config.index_cache_dir)
-    return graph(config, shards, index_paths, dp_rank, dp_size, training, device,
+    shard_id, num_shards = reader_split or (dp_rank, dp_size)
+    return graph(config, shards, index_paths, shard_id, num_shards, training, device,
                  sample_filter, batch_size=batch_size, num_threads=config.num_threads,
                  device_id=device_id, seed=(config.seed * 1_000_003 + dp_rank) % (2**31),
                  prefetch_queue_depth=config.prefetch, enable_checkpointing=True,
@@ -238,6 +247,7 @@ class ImageCaptionLoader:
         self.config, self.training = config, training
         self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
         self.shards, self._index_paths, self.mixture = self._resolve(spec)
+        self._reader_shards, self._reader_indexes, self._reader_split = self._reader_inputs()
         self.tokenizer = CaptionTokenizer.from_file(config.tokenizer_model)
         self._filter = SampleFilter(self.tokenizer, config.caption_length, config.max_image_pixels,
                                     caption_key=config.caption_key, sample_candidates=training,
@@ -284,15 +294,27 @@ class ImageCaptionLoader:
             random.Random(self.config.seed).shuffle(shards)
         return shards, [index_of[shard] for shard in shards], mixture
 
+    def _reader_inputs(self) -> tuple[list[str], list[str], tuple[int, int] | None]:
+        """(shards, index paths, reader split) DALI's reader gets. Training: this stream's
+        range only (stream_split.py). Evaluation reads small sets, split by DALI itself with
+        the per-range padding its reader does."""
+        if not self.training:
+            return self.shards, self._index_paths, None
+        counts = [samples_in_index(index) for index in self._index_paths]
+        shards, indexes = stream_shards(self.shards, self._index_paths, counts, self.dp_rank,
+                                        self.dp_size, self.config.index_cache_dir)
+        return shards, indexes, (0, 1)
+
     def _build(self, checkpoint: bytes | None) -> None:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self._pipe = build_pipeline(self.config, self.shards, dp_rank=self.dp_rank,
+        self._pipe = build_pipeline(self.config, self._reader_shards, dp_rank=self.dp_rank,
                                     dp_size=self.dp_size, batch_size=self.batch_size,
                                     training=self.training, device=self.device,
                                     sample_filter=self._filter, checkpoint=checkpoint,
-                                    index_paths=self._index_paths)
+                                    index_paths=self._reader_indexes,
+                                    reader_split=self._reader_split)
         self._pipe.build()
         names = ["images", "tokens", "issues", "sources"] + ([] if self.training
                                                               else ["captions"])

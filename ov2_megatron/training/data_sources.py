@@ -123,18 +123,19 @@ def loader_memory_check(run: RunConfig, world: int, gpus_per_node: int,
     samples = sum(_index_samples(index) for index in indexes)
     copied = sum(os.path.getsize(shard) for shard in shards) // max(samples, 1) \
         if data.dont_use_mmap else 0
-    need = loader_memory(samples, data.shuffle_buffer, data.prefetch, run.train.micro_batch,
+    share = -(-samples // max(1, world // (p.tensor * p.pipeline)))  # its stream's range
+    need = loader_memory(share, data.shuffle_buffer, data.prefetch, run.train.micro_batch,
                          data.resolution, torch.cuda.is_available(), copied)
     readers = max(1, min(gpus_per_node, world // p.pipeline) // p.tensor)  # replica_input.py
     node, host = need.total * readers, psutil.virtual_memory().total
-    line = (f"loader memory per reading rank: {need.describe(samples, data.shuffle_buffer)}; "
+    line = (f"loader memory per reading rank: {need.describe(share, data.shuffle_buffer)}; "
             f"per node ({readers} reading rank(s) of {gpus_per_node}): {node / 2**30:.1f} GiB, "
             f"this machine has {host / 2**30:.0f} GiB")
     if node > 0.9 * host:
         fix = (f"the data loaders would need {node / 2**30:.1f} GiB of this node's "
                f"{host / 2**30:.0f} GiB: lower data.shuffle_buffer ({data.shuffle_buffer:,}), "
-               "train on a subset of the shards, or use nodes with more memory (every reading "
-               "rank indexes the whole set today: docs/benchmarks/2026-12-08-loader-scale.md)")
+               "train on a subset of the shards, or use nodes with more memory "
+               "(docs/benchmarks/2026-12-08-loader-scale.md)")
         if refuse:
             raise ValueError(fix)
         line += f"; WARNING: {fix}"

@@ -227,7 +227,7 @@ def test_dry_run_reads_each_shards_first_samples_and_names_what_training_skips(
 def test_dry_run_states_the_loaders_host_memory_and_a_run_that_cannot_hold_it_is_refused(
         shards, tmp_path, capsys):
     """data/loader_memory.py's measured constants applied to the training set's real sample
-    count: 360 B per indexed sample, 10 KB per shuffle-buffer sample. A shuffle buffer of
+    count (a stream indexes its share): 360 B per indexed sample, 10 KB per buffered sample. A shuffle buffer of
     10M samples (~93 GiB) does not fit this machine: the dry-run warns, the run refuses
     before any process group, naming data.shuffle_buffer."""
     from ov2_megatron.data.shard_index import samples_in_index
@@ -240,8 +240,8 @@ def test_dry_run_states_the_loaders_host_memory_and_a_run_that_cannot_hold_it_is
     assert main(["--recipe", "tiny_cpu", "--dry-run", "--world-size", "2", *own]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("loader memory per reading rank"))
-    index_gib = samples * 360 / 2**30
-    assert f"{samples:,} samples indexed x 360 B = {index_gib:.1f} GiB" in line
+    share = -(-samples // 2)  # world 2 at TP=PP=1: two streams, each indexes its half
+    assert f"{share:,} samples indexed x 360 B = {share * 360 / 2**30:.1f} GiB" in line
     assert "shuffle buffer 512 x 10.0 KB" in line and "per node (2 reading rank(s) of 2)" in line
     huge = [*own, "--set", "data.shuffle_buffer=10000000", "--set",
             f"train.output_dir={tmp_path / 'run'}"]
