@@ -40,11 +40,11 @@ from collections import Counter
 import torch
 
 from ov2_megatron.data.bad_data import BadDataMonitor
-from ov2_megatron.data.config import (DataConfig, every_letter_case, resolve_plain_spec,
-                                      shards_digest)
+from ov2_megatron.data.config import DataConfig, every_letter_case, shards_digest
 from ov2_megatron.data.mixing import is_mixture, mixture_shards, parse_sources
 from ov2_megatron.data.sample_checks import Issue
-from ov2_megatron.data.shard_index import ensure_indexes, samples_in_index
+from ov2_megatron.data.shard_index import ensure_indexes
+from ov2_megatron.data.shard_table import build_table
 from ov2_megatron.data.stream_split import stream_shards
 from ov2_megatron.data.sample_filter import SampleFilter
 from ov2_megatron.data.tokenizer import CaptionTokenizer
@@ -233,7 +233,7 @@ class ImageCaptionLoader:
 
     def __init__(self, config: DataConfig, *, dp_rank: int, dp_size: int, batch_size: int,
                  training: bool = True, resume_state: dict | None = None, device: str = "auto",
-                 shards: str | list | None = None):
+                 shards: str | list | None = None, table=None):
         config.validate()
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
@@ -246,6 +246,8 @@ class ImageCaptionLoader:
                              "set val_shards or pass shards=")
         self.config, self.training = config, training
         self.dp_rank, self.dp_size, self.batch_size = dp_rank, dp_size, batch_size
+        self._table = table if table is not None else build_table(spec,
+                                                                  config.index_cache_dir)
         self.shards, self._index_paths, self.mixture = self._resolve(spec)
         self._reader_shards, self._reader_indexes, self._reader_split = self._reader_inputs()
         self.tokenizer = CaptionTokenizer.from_file(config.tokenizer_model)
@@ -277,22 +279,21 @@ class ImageCaptionLoader:
             f"rank): {why}")
 
     def _resolve(self, spec) -> tuple[list[str], list[str], list[tuple[str, float]]]:
-        """(shard list DALI reads, its index paths, [(source spec, weight)] of a mixture).
-        Raises, naming the shard, before any pipeline exists."""
-        sources = parse_sources(spec)
-        groups = [resolve_plain_spec(source.spec) for source in sources]
-        unique = sorted({shard for group in groups for shard in group})
-        index_of = dict(zip(unique, ensure_indexes(unique, self.config.index_cache_dir)))
+        """(the seeded shard list of the set, its index paths, [(source spec, weight)] of a
+        mixture), from the shard table (shard_table.py: resolved, checked and indexed, by this
+        loader or once for the run)."""
+        sources, table = parse_sources(spec), self._table
+        groups = [list(group) for group in table.groups]
         mixture: list[tuple[str, float]] = []
         if self.training and is_mixture(sources):
-            counts = {shard: samples_in_index(index_of[shard]) for shard in unique}
-            shards = mixture_shards(groups, [s.weight for s in sources], counts, self.config.seed)
+            shards = mixture_shards(groups, [s.weight for s in sources], table.count,
+                                    self.config.seed)
             mixture = [(s.spec, s.weight) for s in sources]
         else:
             shards = [shard for group in groups for shard in group]
-        if self.training:  # one seeded order for all ranks: DALI splits this list into ranges
+        if self.training:  # one seeded order for all ranks: the streams split this list
             random.Random(self.config.seed).shuffle(shards)
-        return shards, [index_of[shard] for shard in shards], mixture
+        return shards, [table.index[shard] for shard in shards], mixture
 
     def _reader_inputs(self) -> tuple[list[str], list[str], tuple[int, int] | None]:
         """(shards, index paths, reader split) DALI's reader gets. Training: this stream's
@@ -300,7 +301,7 @@ class ImageCaptionLoader:
         the per-range padding its reader does."""
         if not self.training:
             return self.shards, self._index_paths, None
-        counts = [samples_in_index(index) for index in self._index_paths]
+        counts = [self._table.count[shard] for shard in self.shards]
         shards, indexes = stream_shards(self.shards, self._index_paths, counts, self.dp_rank,
                                         self.dp_size, self.config.index_cache_dir)
         return shards, indexes, (0, 1)

@@ -46,10 +46,12 @@ def stream_states(state) -> list[dict]:
 class ReplicaStream:
     """Iterable of micro-batches {"images", "tokens"} of `micro_batch` rows for replica
     `replica` of `replicas`; `saved` are the loader states of every stream of the split (from
-    all replicas of the checkpoint), or None for a fresh split."""
+    all replicas of the checkpoint), or None for a fresh split; `table`: the training set's
+    ShardTable, built once for the run (shard_table.py), else by each loader."""
 
     def __init__(self, config: DataConfig, *, replica: int, replicas: int, micro_batch: int,
-                 global_batch: int, saved: list[dict] | None = None, device: str = "auto"):
+                 global_batch: int, saved: list[dict] | None = None, device: str = "auto",
+                 table=None):
         from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
 
         by_stream = {int(state["dp_rank"]): state for state in saved or []}
@@ -65,7 +67,8 @@ class ReplicaStream:
                              "stream with --set train.resume_data_stream=false")
         self.loaders = {s: ImageCaptionLoader(config, dp_rank=s, dp_size=streams,
                                               batch_size=stream_batch,
-                                              resume_state=by_stream.get(s), device=device)
+                                              resume_state=by_stream.get(s), device=device,
+                                              table=table)
                         for s, _, _ in self._pieces}
         self._passthrough = len(self._pieces) == 1 and stream_batch == micro_batch \
             and self._pieces[0][1:] == (0, self._rows)

@@ -73,18 +73,22 @@ def _is_mixture(spec) -> bool:
     return any(isinstance(entry, dict) for entry in spec)
 
 
-def check_data(run: RunConfig, dp_size: int) -> list[str]:
+def check_data(run: RunConfig, dp_size: int, shards: bool = True) -> list[str]:
     """Shards, index files, the validation set's size and the tokenizer; raises ValueError /
-    OSError naming the file and the fix. Sets model.decoder.vocab_size from the tokenizer."""
+    OSError naming the file and the fix. Sets model.decoder.vocab_size from the tokenizer.
+    `shards` False: the tokenizer only (a run checks the shards on one rank: each check opens
+    every shard)."""
     data = run.data
     data.validate()
-    train = resolve_shard_spec(data.train_shards)
-    notes = [_index_note("training", train)]
-    _check_one_sample_per_rank("training", train, dp_size)
-    if given(data.val_shards):
-        val = resolve_shard_spec(data.val_shards)
-        notes.append(_index_note("validation", val))
-        _check_one_sample_per_rank("validation", val, dp_size)
+    notes = []
+    if shards:
+        train = resolve_shard_spec(data.train_shards)
+        notes.append(_index_note("training", train))
+        _check_one_sample_per_rank("training", train, dp_size)
+        if given(data.val_shards):
+            val = resolve_shard_spec(data.val_shards)
+            notes.append(_index_note("validation", val))
+            _check_one_sample_per_rank("validation", val, dp_size)
     notes.append(follow_tokenizer(run))
     check_tokenizer_fits(run)
     return notes

@@ -79,9 +79,11 @@ def setup(run: RunConfig):
     layout = ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline)
     dp_size = layout.data_parallel_size(world)
     if not run.synthetic:  # the files exist already: fail before any process group
-        notes += data_sources.check_data(run, dp_size)
-        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:
-            # One rank per node reads the index headers; a refusal there ends the job.
+        # One rank opens the shards (a refusal there ends the job: torchrun, srun
+        # --kill-on-bad-exit); every rank follows the tokenizer.
+        first = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+        notes += data_sources.check_data(run, dp_size, shards=first)
+        if first:
             notes += data_sources.loader_memory_check(run, world, local_world_size(world),
                                                       refuse=True)
     impl = specs.resolve_impl(run.model.transformer_impl, p.sequence_parallel)
@@ -156,7 +158,8 @@ def weights_gathered(model: list):
 
 def prepare_data(run: RunConfig, dp_size: int | None = None) -> list[str]:
     """Build the synthetic set on first use (rank 0; the others wait), fill the data paths it
-    provides, then check the data (data_sources.check_data). Needs the process groups."""
+    provides, then check the data (data_sources.check_data: the shards on rank 0, the
+    tokenizer everywhere). Needs the process groups."""
     if run.synthetic:
         from ov2_megatron.data.synthetic import ensure_synthetic_dataset
 
@@ -170,7 +173,8 @@ def prepare_data(run: RunConfig, dp_size: int | None = None) -> list[str]:
         run.data.tokenizer_model = run.data.tokenizer_model or data.tokenizer_model
     if dp_size is None:
         dp_size = dist.get_world_size() // (run.parallel.tensor * run.parallel.pipeline)
-    return data_sources.check_data(run, dp_size)
+    # One rank opens the shards; every rank follows the tokenizer (as in setup).
+    return data_sources.check_data(run, dp_size, shards=dist.get_rank() == 0)
 
 
 def train(run: RunConfig) -> dict:
@@ -203,9 +207,11 @@ def _train(run: RunConfig) -> dict:
         if rank0:
             print("train.resume_data_stream=false: the data stream starts fresh", flush=True)
     reader = replica_input.reads_data()  # one loader per replica, not per rank
+    table = _shard_table(run)  # the shards checked and indexed once, for every loader
     loader = ReplicaStream(run.data, replica=dp_rank, replicas=dp_size,
                            micro_batch=t.micro_batch, global_batch=t.global_batch,
-                           saved=data_states) if reader else replica_input.NotReading()  # 6
+                           saved=data_states, table=table) \
+        if reader else replica_input.NotReading()  # 6
     if rank0:
         print(f"data: {loader.decoding}", flush=True)
         if not loader.passthrough:
@@ -296,6 +302,18 @@ def train_step(model, optimizer, scheduler, batches, geom, micro_batch: int):
         _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     return loss, grad_norm, totals
+
+
+def _shard_table(run: RunConfig):
+    """The training set's ShardTable (data/shard_table.py), built by rank 0 (one check and
+    count per shard, indexes made where missing) and sent to every rank, so that a reading
+    rank opens only the shards of its stream's range."""
+    from ov2_megatron.data.shard_table import build_table
+
+    box = [build_table(run.data.train_shards, run.data.index_cache_dir)
+           if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _say_interrupted_saves(output_dir: str) -> None:

@@ -80,3 +80,47 @@ def test_only_the_replicas_first_rank_reads_and_losses_are_the_single_ranks(
     assert len(got) == len(want_losses) == STEPS
     assert got == pytest.approx(want_losses, rel=2e-5, abs=0), (got, want_losses)
     assert ranks[0]["val_loss"] == pytest.approx(want_val, rel=2e-5, abs=0)
+
+
+def train_recording_shard_access(output_dir: str) -> dict:
+    """loop.train on this rank; the training shards it opened from Python (checks, indexes)
+    and the ones DALI memory-mapped, during the run."""
+    import builtins
+
+    from ov2_megatron.training import loop, step
+
+    opened, mapped = set(), set()
+    real_open = builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        if isinstance(file, str) and file.endswith(".tar"):
+            opened.add(os.path.abspath(file))
+        return real_open(file, *args, **kwargs)
+
+    original_step = step.BatchStream.step_batches
+
+    def step_batches(self, index):
+        with real_open("/proc/self/maps") as f:
+            mapped.update(line.split()[-1] for line in f if line.rstrip().endswith(".tar"))
+        return original_step(self, index)
+
+    run = tiny(output_dir)
+    run.synthetic["samples_per_shard"] = 32  # 8 training shards of 32
+    builtins.open = recording_open
+    step.BatchStream.step_batches = step_batches
+    try:
+        loop.train(run)
+    finally:
+        builtins.open = real_open
+    return dict(opened=sorted(opened), mapped=sorted(mapped))
+
+
+def test_at_dp2_a_reader_touches_only_its_half_of_the_shards(tmp_path):
+    """#24: rank 0 checks and indexes every shard once (the shard table); the other reader
+    opens and maps only the shards of its stream's range: about half of them at DP=2."""
+    ranks = run_distributed(train_recording_shard_access, 2, args=(str(tmp_path),), timeout=300)
+    first, second = ({p for p in r["opened"] + r["mapped"] if "-per32/train/" in p}
+                     for r in ranks)
+    assert len(first) == 8, sorted(first)  # rank 0 checked every training shard
+    # A range of 128 samples starts and ends on shard boundaries here: exactly 4 shards.
+    assert len(second) == 4 and second < first, sorted(second)
