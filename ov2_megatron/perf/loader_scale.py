@@ -4,16 +4,18 @@
 
 For each dataset size (SHARDS x SAMPLES of tiny samples: a 16 x 16 JPEG and a caption, each
 shard with its DALI index, written once under DIR) and each stream count, one fresh process
-builds data-parallel rank 0's ImageCaptionLoader, as training builds it, and takes its first
+builds the last stream's ImageCaptionLoader, as training builds it, and takes its first
 batch, under `strace -f`. Reported per rank:
   RSS        resident memory after the first batch minus after the imports and the tokenizer
              (the loader's own: DALI's sample table, its index parsing, buffers, memory maps)
   B/sample   the RSS growth between the two dataset sizes over the samples added: the slope
              of the growth law, free of the constant part
   start-up   wall seconds from building the loader to its first batch
-  opens      openat() calls on shard (.tar) and index (.idx) files, all threads
+  opens      openat() calls on shard (.tar) and index (.idx) files, all threads, from the
+             loader's construction on (the shard table, which rank 0 builds once for the run
+             and sends to every rank, is built first and not counted: 2 opens per shard)
   maps       .tar files memory-mapped at the first batch (/proc/self/maps)
-Each number of rank 0 stands for every rank: all ranks of one stream count build the same way.
+The stream measured is the last one: a reading rank other than rank 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import subprocess
 import sys
 
 CAPTION = "a tiny sample number {} of the scale benchmark"
+TRACE_MARKER = "/ov2-scale-bench-loader-starts-here"
 
 
 def make_dataset(root: str, shards: int, samples: int, noise_side: int = 0) -> str:
@@ -66,24 +69,32 @@ def tokenizer_for(root: str) -> str:
 
 def measure_rank(folder: str, tokenizer: str, streams: int, shuffle_buffer: int = 64,
                  dont_use_mmap: bool = False) -> dict:
-    """Rank 0 of `streams` in this process: loader RSS, start-up seconds, mapped shards."""
+    """The last stream of `streams` in this process, as a reading rank of a run builds it:
+    given the run's shard table (which rank 0 builds once, before the marker), then its
+    loader. Loader RSS, start-up seconds, mapped shards."""
     import time
 
     import psutil
 
     from ov2_megatron.data.config import DataConfig
     from ov2_megatron.data.dali_pipeline import ImageCaptionLoader
+    from ov2_megatron.data.shard_table import build_table
     from ov2_megatron.data.tokenizer import CaptionTokenizer
 
     CaptionTokenizer.from_file(tokenizer)  # loaded before the baseline: not the loader's memory
+    table = build_table(folder)
+    try:  # a marker in the trace: the opens after it are the reading rank's own
+        os.open(TRACE_MARKER, os.O_RDONLY)
+    except OSError:
+        pass
     process = psutil.Process()
     config = DataConfig(train_shards=folder, tokenizer_model=tokenizer, resolution=16,
                         num_threads=1, shuffle_buffer=shuffle_buffer, color_jitter=0.0,
                         dont_use_mmap=dont_use_mmap,
                         grayscale_probability=0.0)
     rss, anon, start = process.memory_info().rss, _rss_anon(), time.perf_counter()
-    loader = ImageCaptionLoader(config, dp_rank=0, dp_size=streams, batch_size=32,
-                                device="cpu")
+    loader = ImageCaptionLoader(config, dp_rank=streams - 1, dp_size=streams, batch_size=32,
+                                device="cpu", table=table)
     for _ in range(1 + shuffle_buffer // 32):  # until the buffer has filled
         next(loader)
     seconds = time.perf_counter() - start
@@ -112,7 +123,8 @@ def run_one(folder: str, tokenizer: str, streams: int, trace: str,
         raise RuntimeError(f"scale measurement failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     with open(trace) as f:
-        opens = [line for line in f if re.search(r'\.(tar|idx)"', line)]
+        lines = f.read().split(TRACE_MARKER, 1)[-1].splitlines()
+    opens = [line for line in lines if re.search(r'\.(tar|idx)"', line)]
     result["tar_opens"] = sum('.tar"' in line for line in opens)
     result["idx_opens"] = sum('.idx"' in line for line in opens)
     return result
@@ -165,7 +177,8 @@ def buffer_benchmark(buffers: list[int], noise_sides: list[int], root: str,
 
 def format_row(row: dict) -> str:
     return (f"{row['shards']:>6,} shards {row['samples']:>10,} samples  streams {row['streams']}"
-            f"  rank 0: RSS +{row['rss_mib']:.0f} MiB (anonymous +{row['anon_mib']:.0f}), start-up {row['startup_s']:.1f} s, "
+            f"  stream {row['streams'] - 1}: RSS +{row['rss_mib']:.0f} MiB (anonymous "
+            f"+{row['anon_mib']:.0f}), start-up {row['startup_s']:.1f} s, "
             f"opens .tar {row['tar_opens']:,} .idx {row['idx_opens']:,}, "
             f"mapped shards {row['mapped_shards']:,}")
 
