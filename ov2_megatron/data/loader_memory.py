@@ -8,7 +8,7 @@ docs/benchmarks/2026-12-08-loader-scale.md), resident anonymous memory, which th
 cannot drop:
   INDEX     360 B per sample in the shard list DALI is given: its sample table, parsed from
             the index files. A training stream gives DALI only its range (stream_split.py):
-            45 B per dataset sample at 8 streams, 361 B at 1;
+            44 B per dataset sample at 8 streams, 361 B at 1;
   BUFFERED  10 KB per sample held in the reader's shuffle buffer, the same for 6 KB and 17 KB
             stored samples: the encoded bytes stay in the memory-mapped shard, as page cache
             the kernel can drop under pressure (~1.2x the stored size more of RSS);
