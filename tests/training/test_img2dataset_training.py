@@ -78,14 +78,16 @@ def test_trains_on_png_webp_json_captions_mixed_and_upper_case_extensions(tmp_pa
             assert not record.get("bad_samples"), (name, record)  # every sample was read
 
 
-def train_command(shards: str, tokenizer: str, output_dir: str, ranks: int, *sets: str):
-    """ov2-train through launch/torchrun.sh, as a user runs it: (return code, stdout+stderr)."""
+def train_command(shards: str, tokenizer: str, output_dir: str, ranks: int, *sets: str,
+                  prefix: tuple[str, ...] = ()):
+    """ov2-train through launch/torchrun.sh, as a user runs it: (return code, stdout+stderr).
+    `prefix`: a command to run it under (strace)."""
     import subprocess
 
     from tests.slurm.jobs import REPO, launcher_env
     from tests.slurm.test_torchrun import _clean_env
 
-    args = [str(REPO / "launch" / "torchrun.sh"), str(ranks), "--recipe", "tiny_cpu"]
+    args = [*prefix, str(REPO / "launch" / "torchrun.sh"), str(ranks), "--recipe", "tiny_cpu"]
     for item in (f"data.train_shards={shards}", "data.caption_key=re_caption",
                  f"data.tokenizer_model={tokenizer}", "model.vision.image_size=32",
                  "data.resolution=32", f"train.output_dir={output_dir}", "train.global_batch=4",
