@@ -56,7 +56,7 @@ from ov2_megatron.data.image_decode import to_rgb
 from ov2_megatron.data.sample_checks import Issue, check_encoded_image
 from ov2_megatron.data.shard_index import build_index, samples_in_index, write_index
 from ov2_megatron.data.shard_spec import expand_braces, resolve_plain_spec, split_outside_braces
-from ov2_megatron.data.shards import IMAGE_ENTRY_EXTS, iter_members
+from ov2_megatron.data.shards import IMAGE_ENTRY_EXTS, iter_members, split_member_name
 
 RECORD_DIR = ".resize"
 _FORMAT_VERSION = 1
@@ -143,8 +143,7 @@ def _target_size(size: tuple[int, int], short_side: int, gap: int = 1) -> tuple[
 def resize_sample(members: list[tuple[str, bytes]],
                   settings: ResizeSettings) -> tuple[list[tuple[str, bytes]] | None, str, bool]:
     """The sample's members with its image resized, or (None, reason, False)."""
-    exts = {name[name.find(".", name.rfind("/") + 1) + 1:]: i
-            for i, (name, _) in enumerate(members)}
+    exts = {split_member_name(name)[1]: i for i, (name, _) in enumerate(members)}
     by_case = {ext.lower(): ext for ext in exts}  # KEY.JPG is an image, as for the loader
     image_ext = next((by_case[ext] for ext in IMAGE_ENTRY_EXTS if ext in by_case), None)
     if image_ext is None:

@@ -28,7 +28,7 @@ import tarfile
 import warnings
 
 from ov2_megatron.data.config import index_path_for
-from ov2_megatron.data.shards import INDEX_VERSION
+from ov2_megatron.data.shards import INDEX_VERSION, split_member_name
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ov2_megatron", "wds-index")
 
@@ -45,10 +45,10 @@ def build_index(shard: str) -> list[str]:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 name = member.name
-                dot = name.find(".", name.rfind("/") + 1)
-                key, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
-                if not member.isreg() or not key or key.endswith("/") or not ext:
+                parts = split_member_name(name)
+                if not member.isreg() or parts is None or not parts[1]:
                     continue  # directories, hidden and extension-less files: no component
+                key, ext = parts
                 if any(c.isspace() for c in ext):
                     continue  # DALI matches `ext` as a whole word of the index line
                 component = f"{ext} {member.offset_data} {member.size} {_listed_name(name)}"

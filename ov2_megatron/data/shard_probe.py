@@ -27,7 +27,7 @@ from ov2_megatron.data.config import DataConfig, index_path_for
 from ov2_megatron.data.sample_checks import Issue
 from ov2_megatron.data.sample_filter import SampleFilter
 from ov2_megatron.data.shard_index import index_describes, is_cut
-from ov2_megatron.data.shards import ShardCutError, iter_members
+from ov2_megatron.data.shards import ShardCutError, iter_members, split_member_name
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _entries(members: list[tuple[str, bytes]], image_exts: tuple[str, ...]
              ) -> tuple[bytes, bytes, bytes]:
     """(image, .txt, .json) bytes of one sample's members, b"" where absent; the image is the
     first of image_exts present, in any letter case (the loader's rule)."""
-    by_ext = {name[name.find(".", name.rfind("/") + 1) + 1:]: data for name, data in members}
+    by_ext = {split_member_name(name)[1]: data for name, data in members}
     lower = {ext.lower(): data for ext, data in reversed(list(by_ext.items()))}
     image = next((lower[ext] for ext in image_exts if ext in lower), b"")
     return image, by_ext.get("txt", b""), by_ext.get("json", b"")

@@ -136,6 +136,15 @@ class ShardCutError(tarfile.ReadError):
                          "the rest is skipped; re-download or re-create it")
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member as webdataset and DALI's index group samples: the key
+    is the path up to the first dot of the base name (spaces included). None when the base
+    name has no dot or starts with one (hidden files): no sample component."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    return None if dot <= base else (name[:dot], name[dot + 1:])
+
+
 def iter_members(path: str, skip_data=lambda ext: False
                  ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(key, [(member name, bytes), ...]) of a tar in stored order, grouped as webdataset and
@@ -154,16 +163,14 @@ def iter_members(path: str, skip_data=lambda ext: False
     try:
         with tar:
             for member in tar:
-                base_start = member.name.rfind("/") + 1
-                dot = member.name.find(".", base_start)
-                if not member.isreg() or dot <= base_start:
+                parts = split_member_name(member.name)
+                if not member.isreg() or parts is None:
                     continue  # directories, extension-less and hidden files: no component
-                if member.name[:dot] != key and members:
+                if parts[0] != key and members:
                     yield key, members
                     members, complete = [], complete + 1
-                key = member.name[:dot]
-                data = b"" if skip_data(member.name[dot + 1:]) else \
-                    tar.extractfile(member).read()
+                key = parts[0]
+                data = b"" if skip_data(parts[1]) else tar.extractfile(member).read()
                 members.append((member.name, data))
     except (tarfile.TarError, EOFError) as err:
         raise ShardCutError(path, complete, str(err) or type(err).__name__) from None
@@ -181,7 +188,7 @@ def iter_shard(path: str, with_images: bool = True) -> Iterator[Sample]:
     for key, members in iter_members(path, skip):
         parts = {}
         for name, data in members:
-            ext = name[name.find(".", name.rfind("/") + 1) + 1:]
+            ext = split_member_name(name)[1]
             parts[ext.lower() if ext.lower() in IMAGE_ENTRY_EXTS else ext] = data
         yield _to_sample(key, parts)
 
@@ -244,6 +251,6 @@ def read_index(index_path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-__all__ = ["Sample", "ShardWriter", "ShardCutError", "iter_members", "iter_shard",
-           "iter_shards_checked", "warn_cut", "read_index",
-           "SHARD_PATTERN", "INDEX_VERSION"]
+__all__ = ["Sample", "ShardWriter", "ShardCutError", "split_member_name", "iter_members",
+           "iter_shard", "iter_shards_checked", "warn_cut", "read_index", "SHARD_PATTERN",
+           "INDEX_VERSION"]
